@@ -1,0 +1,277 @@
+"""LLaMA / Vicuna decoder in Flax linen, numerically aligned with transformers' `LlamaModel`.
+
+Axis letters: B batch, T query positions, S key positions (cache slots), N query heads,
+K key/value heads, H head dim, D width, F MLP width, V vocabulary.
+
+The KV cache is an explicit pytree (`KVCache`) passed in and returned, so prefill, step
+decoding, `jax.grad` and `jax.jit` compose. Attention probabilities of the layers named in
+`attention_layers` pass through `sow` (collection "intermediates") and `perturb`
+(collection "perturbations"), so maps and their gradients are one `apply` away.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vicrop_jax._config import check_supported, get_rope_parameters
+
+ATTENTION_PROBS = "attention_probs"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+    pad_token_id: int | None = None
+    max_position_embeddings: int = 4096
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> "LlamaConfig":
+        """Reads a transformers `LlamaConfig` dict (the `text_config` of LLaVA/InstructBLIP)."""
+        check_supported(
+            hf,
+            "text_config",
+            {"model_type": ("llama",), "hidden_act": ("silu",), "pretraining_tp": (1, None)},
+        )
+        rope = get_rope_parameters(hf)
+        num_heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id", 2)
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope["rope_theta"],
+            rope_type=rope["rope_type"],
+            rope_factor=rope.get("factor", 1.0),
+            rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+            rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+            rope_original_max_positions=rope.get("original_max_position_embeddings", 8192),
+            attention_bias=hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            bos_token_id=hf.get("bos_token_id", 1),
+            eos_token_ids=eos,
+            pad_token_id=hf.get("pad_token_id"),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        )
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys and values, [B, S, K, H] each, S = cache length."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+    @classmethod
+    def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, length, config.num_kv_heads, config.head_dim)
+        empty = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return cls(keys=empty, values=empty)
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
+    """Inverse RoPE frequencies [H/2], with the checkpoint's scaling (default, linear, llama3)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if config.rope_type == "linear":
+        return inv_freq / config.rope_factor
+    if config.rope_type == "llama3":
+        low_wavelen = config.rope_original_max_positions / config.rope_low_freq_factor
+        high_wavelen = config.rope_original_max_positions / config.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / config.rope_factor, inv_freq)
+        smooth = (config.rope_original_max_positions / wavelen - config.rope_low_freq_factor) / (
+            config.rope_high_freq_factor - config.rope_low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(config: LlamaConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, H] for integer positions [B, T], computed in float32 as transformers does."""
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(config)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, H]; cos/sin [B, T, H]. HF's rotate-half convention (no weight permutation)."""
+    return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+    layer_index: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        dense = lambda n, bias: nn.Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.q_proj = dense(c.num_heads * c.head_dim, c.attention_bias)
+        self.k_proj = dense(c.num_kv_heads * c.head_dim, c.attention_bias)
+        self.v_proj = dense(c.num_kv_heads * c.head_dim, c.attention_bias)
+        self.o_proj = dense(c.hidden_size, c.attention_bias)
+
+    def __call__(self, x, cos, sin, mask, keys, values, offset, capture: bool):
+        """x [B,T,D]; mask [B,T,S] (True = may attend); keys/values [B,S,K,H] cache written at offset."""
+        c = self.config
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
+        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        zero = jnp.zeros((), jnp.int32)
+        keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (zero, offset, zero, zero))
+        values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (zero, offset, zero, zero))
+
+        groups = c.num_heads // c.num_kv_heads
+        qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+        logits = jnp.einsum("btkgh,bskh->bkgts", qg, keys.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits = logits.reshape(b, c.num_heads, t, keys.shape[1]) * (c.head_dim**-0.5)
+        logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        if capture:
+            probs = self.perturb(ATTENTION_PROBS, probs)
+            self.sow("intermediates", ATTENTION_PROBS, probs)
+        probs = probs.reshape(b, c.num_kv_heads, groups, t, keys.shape[1])
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(self.dtype))
+        return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), keys, values
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        dense = lambda n: nn.Dense(n, use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.gate_proj = dense(c.intermediate_size)
+        self.up_proj = dense(c.intermediate_size)
+        self.down_proj = dense(c.hidden_size)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    config: LlamaConfig
+    layer_index: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.input_layernorm = RMSNorm(c.rms_norm_eps, **kw)
+        self.self_attn = LlamaAttention(c, self.layer_index, **kw)
+        self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, **kw)
+        self.mlp = LlamaMLP(c, **kw)
+
+    def __call__(self, x, cos, sin, mask, keys, values, offset, capture: bool):
+        attn, keys, values = self.self_attn(self.input_layernorm(x), cos, sin, mask, keys, values, offset, capture)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), keys, values
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder stack + LM head. `__call__` runs embeddings through the layers with a KV cache."""
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, **kw)
+        self.layers = [LlamaDecoderLayer(c, i, **kw) for i in range(c.num_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, **kw)
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, **kw)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.embed_tokens(input_ids)
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,
+        cache: KVCache,
+        offset: jax.Array | int = 0,
+        attention_layers: Sequence[int] = (),
+    ) -> tuple[jax.Array, KVCache]:
+        """inputs_embeds [B,T,D] placed at cache slots offset..offset+T-1 -> (normed hidden [B,T,D], cache).
+
+        Positions equal cache slots (prompts are right-padded), so query p sees keys 0..p.
+        """
+        b, t, _ = inputs_embeds.shape
+        offset = jnp.asarray(offset, jnp.int32)
+        positions = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(self.config, positions, self.dtype)
+        slots = jnp.arange(cache.length, dtype=jnp.int32)
+        mask = slots[None, None, :] <= positions[:, :, None]
+        x = inputs_embeds.astype(self.dtype)
+        keys, values = list(cache.keys), list(cache.values)
+        for i, layer in enumerate(self.layers):
+            x, keys[i], values[i] = layer(x, cos, sin, mask, keys[i], values[i], offset, i in attention_layers)
+        return self.norm(x), KVCache(tuple(keys), tuple(values))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] -> float32 logits [..., V]."""
+        if self.config.tie_word_embeddings:
+            out = self.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
