@@ -1,0 +1,162 @@
+"""HF checkpoint <-> Flax conversion: round trips, dtypes, sharding, refusals with named keys."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+from transformers import LlavaForConditionalGeneration
+
+import vicrop_jax
+from vicrop_jax._loading import abstract_params, architecture_for, save_flax_checkpoint, save_hf_checkpoint
+from vicrop_jax.cli import main as cli_main
+from vicrop_jax.llava import Llava, LlavaConfig
+from weights_conversion.core import CheckpointMismatchError
+from weights_conversion.safetensors_io import open_checkpoint, write_checkpoint
+from tiny_models import llava_config, save_llava
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llava")
+    save_llava(folder, llava_config())
+    return folder
+
+
+def flat(params):
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
+
+
+def assert_same_params(a, b, dtype=None):
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        expected = fb[key] if dtype is None else fb[key].astype(dtype)
+        np.testing.assert_array_equal(fa[key], expected, err_msg="/".join(key))
+
+
+def reference_logits(folder, ids, pixels):
+    model = LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_hf_round_trip_loads_in_transformers(checkpoint, tmp_path, sharded):
+    model = vicrop_jax.load(checkpoint)
+    save_hf_checkpoint(model, tmp_path, max_shard_bytes=20_000 if sharded else None)
+    assert (tmp_path / "model.safetensors.index.json").exists() == sharded
+    ids = np.array([[1, 7] + [3] * model.config.tokens_per_image + [9, 10]])
+    pixels = np.random.RandomState(0).randn(1, 3, 28, 28).astype(np.float32)
+    np.testing.assert_array_equal(reference_logits(tmp_path, ids, pixels), reference_logits(checkpoint, ids, pixels))
+    assert_same_params(vicrop_jax.load(tmp_path).params, model.params)
+
+
+def test_bfloat16_load_and_round_trip(checkpoint, tmp_path):
+    model32 = vicrop_jax.load(checkpoint)
+    model16 = vicrop_jax.load(checkpoint, dtype="bfloat16")
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(model16.params)} == {jnp.dtype(jnp.bfloat16)}
+    assert_same_params(model16.params, model32.params, dtype=ml_dtypes.bfloat16)
+    save_hf_checkpoint(model16, tmp_path)
+    stored = open_checkpoint(tmp_path)
+    assert {stored[key].dtype for key in stored} == {np.dtype(ml_dtypes.bfloat16)}
+    assert_same_params(vicrop_jax.load(tmp_path, dtype="bfloat16").params, model16.params)
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert reloaded.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_flax_checkpoint_round_trip_via_cli(checkpoint, tmp_path):
+    assert cli_main(["convert", str(checkpoint), str(tmp_path / "flax")]) == 0
+    assert (tmp_path / "flax" / "flax_params.safetensors").exists()
+    assert not (tmp_path / "flax" / "model.safetensors").exists()
+    assert_same_params(vicrop_jax.load(tmp_path / "flax").params, vicrop_jax.load(checkpoint).params)
+
+
+def corrupt(checkpoint, tmp_path, edit):
+    shutil.copytree(checkpoint, tmp_path, dirs_exist_ok=True)
+    stored = open_checkpoint(tmp_path)
+    tensors = {key: np.array(stored[key]) for key in stored}
+    edit(tensors)
+    (tmp_path / "model.safetensors").unlink()
+    write_checkpoint(tensors, tmp_path)
+    return tmp_path
+
+
+def test_missing_unexpected_and_misshaped_keys_are_all_named(checkpoint, tmp_path):
+    def edit(tensors):
+        del tensors["language_model.model.layers.1.mlp.up_proj.weight"]
+        tensors["multi_modal_projector.linear_1.bias"] = np.zeros(5, np.float32)
+        tensors["vision_tower.extra_head.weight"] = np.zeros((2, 2), np.float32)
+
+    with pytest.raises(CheckpointMismatchError) as error:
+        vicrop_jax.load(corrupt(checkpoint, tmp_path, edit))
+    message = str(error.value)
+    assert "3 problem(s)" in message
+    assert "- missing    language_model.model.layers.1.mlp.up_proj.weight (expected shape (64, 32))" in message
+    assert "~ mis-shaped multi_modal_projector.linear_1.bias: expected (32,), found (5,)" in message
+    assert "+ unexpected vision_tower.extra_head.weight (shape (2, 2))" in message
+
+
+def test_config_that_does_not_match_the_weights_is_refused(checkpoint, tmp_path):
+    shutil.copytree(checkpoint, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointMismatchError, match="missing    language_model.model.layers.2.mlp.down_proj"):
+        vicrop_jax.load(tmp_path)
+
+
+def test_unsupported_config_attribute_is_refused(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["text_config"]["hidden_act"] = "gelu"
+    with pytest.raises(ValueError, match=r"text_config.hidden_act = 'gelu' is not supported"):
+        architecture_for(config)
+
+
+def test_pickles_are_refused_unless_opted_in(checkpoint, tmp_path):
+    reference = LlavaForConditionalGeneration.from_pretrained(checkpoint)
+    shutil.copytree(checkpoint, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle.*safetensors"):
+        vicrop_jax.load(tmp_path)
+    assert_same_params(vicrop_jax.load(tmp_path, allow_pickle=True).params, vicrop_jax.load(checkpoint).params)
+
+
+def test_repo_id_resolves_in_the_local_hf_cache_offline(checkpoint, tmp_path, monkeypatch):
+    snapshot = tmp_path / "models--tiny-org--tiny-llava" / "snapshots" / "abc123"
+    shutil.copytree(checkpoint, snapshot)
+    (tmp_path / "models--tiny-org--tiny-llava" / "refs").mkdir()
+    (tmp_path / "models--tiny-org--tiny-llava" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert_same_params(vicrop_jax.load("tiny-org/tiny-llava").params, vicrop_jax.load(checkpoint).params)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        vicrop_jax.load("tiny-org/not-there")
+
+
+def test_full_size_llava_7b_shapes_without_memory():
+    """The real llava-1.5-7b-hf config builds a 7.06B-parameter tree (checked abstractly)."""
+    hf = {
+        "model_type": "llava", "image_token_index": 32000, "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
+        "text_config": {"model_type": "llama", "hidden_act": "silu", "hidden_size": 4096,
+                        "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                        "num_key_value_heads": 32, "vocab_size": 32064, "rms_norm_eps": 1e-5,
+                        "rope_theta": 10000.0},
+        "vision_config": {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", "hidden_size": 1024,
+                          "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                          "image_size": 336, "patch_size": 14},
+    }
+    arch = architecture_for(hf)
+    tree = abstract_params(arch, Llava(arch.config))
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+    assert arch.config.tokens_per_image == 576
+    assert 7.0e9 < count < 7.1e9
+    assert len(arch.table) == len(jax.tree_util.tree_leaves(tree))

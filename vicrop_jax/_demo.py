@@ -1,0 +1,102 @@
+"""A tiny random LLaVA checkpoint in Hugging Face format, written without torch or transformers.
+
+Until the project ships a trained embedded model, the demo runs on this one: the whole path of a
+real checkpoint (config.json, safetensors, tokenizer.json, preprocessor_config.json, conversion
+tables, preprocessing, jitted decoding) is exercised, but its answers mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+
+from vicrop_jax.llava import Llava, LlavaConfig
+from weights_conversion.core import flax_to_hf
+from weights_conversion.safetensors_io import write_checkpoint
+from weights_conversion.tables import llava_table
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+DEMO_WORDS = (
+    "USER ASSISTANT : . , ? Answer the question using a single word or phrase What is color of shape "
+    "Write general description image red green blue yellow black white circle square triangle star "
+    "small large left right top bottom yes no one two three four five six seven eight nine zero"
+).split()
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def demo_hf_config(image_size: int = 112, width: int = 64, vocab_size: int = 96) -> dict:
+    """A LLaVA-1.5-shaped config dict, as transformers writes it, at toy size."""
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_id": SPECIAL_TOKENS.index("<image>"),
+        "image_seq_length": (image_size // 14) ** 2,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": True,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": False,
+        "dtype": "float32",
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_act": "quick_gelu", "hidden_size": width,
+            "intermediate_size": 2 * width, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "image_size": image_size, "patch_size": 14, "num_channels": 3, "layer_norm_eps": 1e-5,
+            "projection_dim": width,
+        },
+        "text_config": {
+            "model_type": "llama", "hidden_act": "silu", "hidden_size": width, "intermediate_size": 2 * width,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": width // 4,
+            "vocab_size": vocab_size, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "bos_token_id": 1,
+            "eos_token_id": 2, "pad_token_id": 4, "tie_word_embeddings": False, "attention_bias": False,
+            "mlp_bias": False, "pretraining_tp": 1,
+        },
+    }
+
+
+def word_level_tokenizer(words: list[str], vocab_size: int) -> Tokenizer:
+    """Specials, then `words`, then filler words up to vocab_size; splits on whitespace/punctuation, adds BOS."""
+    vocab = SPECIAL_TOKENS + words
+    vocab += [f"w{i}" for i in range(vocab_size - len(vocab))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return backend
+
+
+def write_word_tokenizer(folder: Path, words: list[str], vocab_size: int) -> None:
+    """tokenizer.json + tokenizer_config.json of `word_level_tokenizer`."""
+    word_level_tokenizer(words, vocab_size).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": 2048,
+    }, indent=2))
+
+
+def write_tiny_random_llava(folder: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight LLaVA checkpoint folder that transformers and vicrop_jax both load."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_config = demo_hf_config()
+    config = LlavaConfig.from_hf_config(hf_config)
+    ids = np.full((1, config.tokens_per_image + 1), config.image_token_id, np.int32)
+    pixels = np.zeros((1, 1, config.image_size, config.image_size, 3), np.float32)
+    params = Llava(config).init(jax.random.PRNGKey(seed), ids, pixels)["params"]
+    params = jax.tree_util.tree_map(lambda p: p * 4.0, params)  # sharper logits than the default init
+    write_checkpoint(flax_to_hf(llava_table(config), params), folder)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    write_word_tokenizer(folder, DEMO_WORDS, config.text.vocab_size)
+    size = config.image_size
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD), "do_convert_rgb": True,
+    }, indent=2))
+    return folder

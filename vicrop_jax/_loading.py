@@ -1,0 +1,143 @@
+"""`load`: a Hugging Face checkpoint folder (or cached repo id) -> a ready model bundle.
+
+Conversion runs through the explicit tables of `weights_conversion`. A folder converted once with
+`vicrop-jax convert` holds `flax_params.safetensors` (Flax layout, no transposes) and loads faster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from vicrop_jax._tokenizer import Tokenizer
+from vicrop_jax.llava import Llava, LlavaConfig
+from vicrop_jax.preprocessing import ImageProcessorConfig
+from weights_conversion.core import IDENTITY, Table, flax_to_hf, hf_to_flax, rename_keys, resolve_checkpoint_folder
+from weights_conversion.safetensors_io import open_checkpoint, write_checkpoint
+from weights_conversion.tables import LLAVA_KEY_ALIASES, llava_table
+
+FLAX_PARAMS_FILE = "flax_params.safetensors"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """What differs between model families when loading: config, module, table, init inputs."""
+
+    kind: str
+    config: Any
+    module_class: type[nn.Module]
+    table: Table
+    key_aliases: tuple[tuple[str, str], ...]
+
+    def init_inputs(self) -> tuple[np.ndarray, ...]:
+        c = self.config
+        ids = np.full((1, c.tokens_per_image + 1), c.image_token_id, np.int32)
+        pixels = np.zeros((1, 1, c.image_size, c.image_size, 3), np.float32)
+        return ids, pixels
+
+
+def architecture_for(hf_config: dict[str, Any]) -> Architecture:
+    model_type = hf_config.get("model_type")
+    if model_type == "llava":
+        config = LlavaConfig.from_hf_config(hf_config)
+        return Architecture("llava", config, Llava, llava_table(config), LLAVA_KEY_ALIASES)
+    raise ValueError(
+        f"model_type {model_type!r} is not supported: vicrop_jax loads LLaVA-1.5 ('llava') checkpoints"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """Everything needed to run a checkpoint: module + params (a plain pytree) + text/image processing."""
+
+    kind: str
+    config: Any
+    module: nn.Module
+    params: Any
+    tokenizer: Tokenizer
+    image_config: ImageProcessorConfig
+    path: Path
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def abstract_params(arch: Architecture, module: nn.Module) -> Any:
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0), *arch.init_inputs())["params"]
+
+
+def read_params(folder: Path, arch: Architecture, module: nn.Module, dtype: Any, allow_pickle: bool = False) -> Any:
+    """Parameters from the Flax file if the folder has one, else from the HF safetensors via the table."""
+    abstract = abstract_params(arch, module)
+    if (folder / FLAX_PARAMS_FILE).exists():
+        tensors = open_checkpoint(folder, filename=FLAX_PARAMS_FILE)
+        identity_table = {path: ("/".join(path), IDENTITY) for path in traverse_util.flatten_dict(abstract)}
+        return hf_to_flax(identity_table, tensors, abstract, dtype, source=str(folder / FLAX_PARAMS_FILE))
+    tensors = rename_keys(open_checkpoint(folder, allow_pickle=allow_pickle), arch.key_aliases)
+    return hf_to_flax(arch.table, tensors, abstract, dtype, source=f"checkpoint {folder}")
+
+
+def load(path_or_repo_id: str | os.PathLike, dtype: Any = "float32", *, allow_pickle: bool = False) -> Model:
+    """Load a LLaVA-1.5 checkpoint folder (or a repo id in the local HF cache) in `dtype`.
+
+    dtype is both the parameter and the compute dtype; attention logits and softmax stay float32.
+    """
+    folder = resolve_checkpoint_folder(path_or_repo_id)
+    hf_config = json.loads((folder / "config.json").read_text())
+    arch = architecture_for(hf_config)
+    dtype = resolve_dtype(dtype)
+    module = arch.module_class(arch.config, dtype=dtype, param_dtype=dtype)
+    params = jax.device_put(read_params(folder, arch, module, dtype, allow_pickle))
+    image_config = ImageProcessorConfig.from_preprocessor_config(
+        json.loads((folder / "preprocessor_config.json").read_text())
+    )
+    return Model(arch.kind, arch.config, module, params, Tokenizer.from_folder(folder), image_config, folder)
+
+
+def save_flax_checkpoint(model: Model, out_folder: str | os.PathLike) -> Path:
+    """Write params in the Flax layout plus the config, tokenizer and processor files, for fast loading."""
+    out = Path(out_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = traverse_util.flatten_dict(jax.device_get(model.params))
+    write_checkpoint({"/".join(path): np.asarray(value) for path, value in flat.items()}, out)
+    (out / "model.safetensors").rename(out / FLAX_PARAMS_FILE)
+    _copy_side_files(model.path, out)
+    return out
+
+
+def save_hf_checkpoint(model: Model, out_folder: str | os.PathLike, dtype: Any = None, max_shard_bytes=None):
+    """Write params back as a Hugging Face checkpoint (safetensors in transformers' key layout)."""
+    arch = architecture_for(json.loads((model.path / "config.json").read_text()))
+    tensors = flax_to_hf(arch.table, model.params, None if dtype is None else resolve_dtype(dtype))
+    out = Path(out_folder)
+    write_checkpoint(tensors, out, max_shard_bytes)
+    _copy_side_files(model.path, out)
+    return out
+
+
+def _copy_side_files(source: Path, out: Path) -> None:
+    """Config, tokenizer and processor files travel with converted weights."""
+    for name in _SIDE_FILES:
+        if (source / name).exists() and source.resolve() != out.resolve():
+            (out / name).write_bytes((source / name).read_bytes())
+
+
+_SIDE_FILES = (
+    "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "preprocessor_config.json", "processor_config.json", "generation_config.json", "chat_template.json",
+)
