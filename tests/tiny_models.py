@@ -9,9 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
+    BlipImageProcessor,
     CLIPImageProcessor,
     CLIPVisionConfig,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipQFormerConfig,
+    InstructBlipVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -23,7 +29,7 @@ from vicrop_jax._demo import CLIP_MEAN, CLIP_STD, SPECIAL_TOKENS, word_level_tok
 WORDS = (
     "USER ASSISTANT : . , ? ! Answer the question using a single word or phrase What is color of "
     "Write general description image shape digit letter red green blue yellow small large left right "
-    "top bottom in on and there how many"
+    "top bottom in on and there how many Question Short"
 ).split()
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")
 
@@ -80,5 +86,63 @@ def save_llava(folder: Path, config: LlavaConfig, seed: int = 0, max_shard_size:
     CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         image_mean=CLIP_MEAN, image_std=CLIP_STD,
+    ).save_pretrained(folder)
+    return model
+
+
+QFORMER_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+BLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+BLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def make_qformer_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A BERT-style word-level tokenizer ([CLS] text [SEP]) for the Q-Former's reading of the prompt."""
+    vocab = QFORMER_SPECIAL + [w.lower() for w in dict.fromkeys(WORDS + ["Question", "Short"])]
+    vocab += [f"q{i}" for i in range(vocab_size - len(vocab))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens([AddedToken(t, special=True) for t in QFORMER_SPECIAL])
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]"
+    )
+
+
+def instructblip_config(*, image_size: int = 28, num_query_tokens: int = 4, num_kv_heads: int = 2):
+    vision = InstructBlipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=image_size, patch_size=14,
+    )
+    qformer = InstructBlipQFormerConfig(
+        vocab_size=80, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        cross_attention_frequency=1, pad_token_id=0,
+    )
+    text = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=num_kv_heads, vocab_size=128, initializer_range=0.2, bos_token_id=1,
+        eos_token_id=2, pad_token_id=4,
+    )
+    return InstructBlipConfig(
+        vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=num_query_tokens,
+        image_token_index=IMAGE_TOKEN_ID,
+    )
+
+
+def save_instructblip(folder: Path, config, seed: int = 0):
+    """Random-weight InstructBLIP-Vicuna with both tokenizers and the BLIP processor config."""
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    model = InstructBlipForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers initialises the queries to zero; random ones make tests sharper
+        model.query_tokens.normal_()
+    model.save_pretrained(folder)
+    make_tokenizer(config.text_config.vocab_size).save_pretrained(folder)
+    make_qformer_tokenizer(config.qformer_config.vocab_size).save_pretrained(folder / "qformer_tokenizer")
+    size = config.vision_config.image_size
+    BlipImageProcessor(
+        size={"height": size, "width": size}, image_mean=BLIP_MEAN, image_std=BLIP_STD
     ).save_pretrained(folder)
     return model

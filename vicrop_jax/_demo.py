@@ -88,7 +88,6 @@ def write_tiny_random_llava(folder: str | Path, seed: int = 0) -> Path:
     ids = np.full((1, config.tokens_per_image + 1), config.image_token_id, np.int32)
     pixels = np.zeros((1, 1, config.image_size, config.image_size, 3), np.float32)
     params = Llava(config).init(jax.random.PRNGKey(seed), ids, pixels)["params"]
-    params = jax.tree_util.tree_map(lambda p: p * 4.0, params)  # sharper logits than the default init
     write_checkpoint(flax_to_hf(llava_table(config), params), folder)
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
     write_word_tokenizer(folder, DEMO_WORDS, config.text.vocab_size)

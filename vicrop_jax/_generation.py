@@ -18,10 +18,13 @@ ImageLike = str | os.PathLike | PIL.Image.Image | np.ndarray
 IMAGE_MARKER = "<image>"
 
 
+QFORMER_BUCKET = 32
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def encode_images(module, params: Any, pixels: np.ndarray) -> jax.Array:
-    """Preprocessed images [n,H,W,3] -> LM-space features [n, tokens_per_image, D]."""
-    return module.apply({"params": params}, pixels, method="encode_images")
+def encode_images(module, params: Any, pixels: np.ndarray, *image_text: np.ndarray) -> jax.Array:
+    """Preprocessed images [n,H,W,3] (+ InstructBLIP's Q-Former ids and mask [n,Tq]) -> [n, tokens, D]."""
+    return module.apply({"params": params}, pixels, *image_text, method="encode_images")
 
 
 def as_image_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
@@ -35,8 +38,24 @@ def pixel_values(model: Model, images: Sequence[ImageLike]) -> np.ndarray:
     return np.stack([preprocess(load_image(image), model.image_config) for image in images])
 
 
+def prompt_inputs(model: Model, prompt: str, num_images: int) -> tuple[list[int], tuple[np.ndarray, ...]]:
+    """LM token ids with image placeholders, and the extra inputs of `encode_images` (none for LLaVA).
+
+    LLaVA: each `<image>` marker of the prompt becomes one position per visual token. InstructBLIP: the
+    query placeholders of all images come first, then the tokenized prompt (BOS included), as transformers'
+    processor builds them; the Q-Former reads the same prompt with its own tokenizer, padded to a bucket.
+    """
+    if model.kind == "llava":
+        return prompt_ids(model, prompt, num_images), ()
+    ids = [model.config.image_token_id] * model.config.tokens_per_image * num_images + model.tokenizer.encode(prompt)
+    qformer_ids = model.qformer_tokenizer.encode(prompt)
+    padded, length = pad_prompt(qformer_ids, bucket=QFORMER_BUCKET)
+    mask = (np.arange(len(padded)) < length).astype(np.int32)
+    return ids, (np.tile(padded, (num_images, 1)), np.tile(mask, (num_images, 1)))
+
+
 def prompt_ids(model: Model, prompt: str, num_images: int) -> list[int]:
-    """Token ids with each `<image>` marker expanded to one position per visual token."""
+    """LLaVA token ids with each `<image>` marker expanded to one position per visual token."""
     ids = model.tokenizer.encode(prompt)
     image_id = model.config.image_token_id
     found = ids.count(image_id)
@@ -51,9 +70,11 @@ def prompt_ids(model: Model, prompt: str, num_images: int) -> list[int]:
     return expanded
 
 
-def generate_ids(model: Model, pixels: np.ndarray, ids: list[int], max_new_tokens: int = 20) -> list[int]:
+def generate_ids(
+    model: Model, pixels: np.ndarray, ids: list[int], max_new_tokens: int = 20, image_text: tuple = ()
+) -> list[int]:
     """Greedy token ids (EOS included when reached) for one prompt and its preprocessed images."""
-    features = encode_images(model.module, model.params, pixels)
+    features = encode_images(model.module, model.params, pixels, *image_text)
     padded, length = pad_prompt(ids)
     tokens = greedy_generate(
         model.module, model.params, padded[None], np.array([length], np.int32),
@@ -64,7 +85,12 @@ def generate_ids(model: Model, pixels: np.ndarray, ids: list[int], max_new_token
 
 
 def generate(model: Model, images: ImageLike | Sequence[ImageLike], prompt: str, max_new_tokens: int = 20) -> str:
-    """The greedy answer (prompt excluded) to `prompt`, which holds one `<image>` marker per image."""
+    """The greedy answer (prompt excluded) to `prompt`.
+
+    LLaVA prompts hold one `<image>` marker per image (`prompts.llava_prompt`); InstructBLIP prompts hold
+    none (`prompts.instructblip_prompt`): the images' query embeddings go in front, in order.
+    """
     images = as_image_list(images)
-    ids = prompt_ids(model, prompt, len(images))
-    return model.tokenizer.decode(generate_ids(model, pixel_values(model, images), ids, max_new_tokens))
+    ids, image_text = prompt_inputs(model, prompt, len(images))
+    tokens = generate_ids(model, pixel_values(model, images), ids, max_new_tokens, image_text)
+    return model.tokenizer.decode(tokens)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,16 @@ import numpy as np
 from flax import traverse_util
 
 from vicrop_jax._tokenizer import Tokenizer
+from vicrop_jax.instructblip import InstructBlip, InstructBlipConfig
 from vicrop_jax.llava import Llava, LlavaConfig
 from vicrop_jax.preprocessing import ImageProcessorConfig
 from weights_conversion.core import IDENTITY, Table, flax_to_hf, hf_to_flax, rename_keys, resolve_checkpoint_folder
+from weights_conversion.instructblip_table import INSTRUCTBLIP_KEY_ALIASES, instructblip_table
 from weights_conversion.safetensors_io import open_checkpoint, write_checkpoint
 from weights_conversion.tables import LLAVA_KEY_ALIASES, llava_table
 
 FLAX_PARAMS_FILE = "flax_params.safetensors"
+QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -38,22 +42,32 @@ class Architecture:
     module_class: type[nn.Module]
     table: Table
     key_aliases: tuple[tuple[str, str], ...]
-
-    def init_inputs(self) -> tuple[np.ndarray, ...]:
-        c = self.config
-        ids = np.full((1, c.tokens_per_image + 1), c.image_token_id, np.int32)
-        pixels = np.zeros((1, 1, c.image_size, c.image_size, 3), np.float32)
-        return ids, pixels
+    init_inputs: tuple[np.ndarray, ...]
 
 
 def architecture_for(hf_config: dict[str, Any]) -> Architecture:
     model_type = hf_config.get("model_type")
     if model_type == "llava":
         config = LlavaConfig.from_hf_config(hf_config)
-        return Architecture("llava", config, Llava, llava_table(config), LLAVA_KEY_ALIASES)
+        return Architecture("llava", config, Llava, llava_table(config), LLAVA_KEY_ALIASES, _image_inputs(config))
+    if model_type == "instructblip":
+        config = InstructBlipConfig.from_hf_config(hf_config)
+        qformer_text = (np.zeros((1, 1), np.int32), np.ones((1, 1), np.int32))
+        return Architecture(
+            "instructblip", config, InstructBlip, instructblip_table(config), INSTRUCTBLIP_KEY_ALIASES,
+            _image_inputs(config) + qformer_text,
+        )
     raise ValueError(
-        f"model_type {model_type!r} is not supported: vicrop_jax loads LLaVA-1.5 ('llava') checkpoints"
+        f"model_type {model_type!r} is not supported: vicrop_jax loads LLaVA-1.5 ('llava') and "
+        "InstructBLIP-Vicuna ('instructblip') checkpoints"
     )
+
+
+def _image_inputs(config: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Input ids with one image's placeholders and one blank image: enough to build the parameters."""
+    ids = np.full((1, config.tokens_per_image + 1), config.image_token_id, np.int32)
+    pixels = np.zeros((1, 1, config.image_size, config.image_size, 3), np.float32)
+    return ids, pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +81,7 @@ class Model:
     tokenizer: Tokenizer
     image_config: ImageProcessorConfig
     path: Path
+    qformer_tokenizer: Tokenizer | None = None  # InstructBLIP's Q-Former reads the prompt with its own
 
 
 def resolve_dtype(dtype: Any) -> Any:
@@ -78,7 +93,7 @@ def resolve_dtype(dtype: Any) -> Any:
 
 
 def abstract_params(arch: Architecture, module: nn.Module) -> Any:
-    return jax.eval_shape(module.init, jax.random.PRNGKey(0), *arch.init_inputs())["params"]
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0), *arch.init_inputs)["params"]
 
 
 def read_params(folder: Path, arch: Architecture, module: nn.Module, dtype: Any, allow_pickle: bool = False) -> Any:
@@ -93,7 +108,7 @@ def read_params(folder: Path, arch: Architecture, module: nn.Module, dtype: Any,
 
 
 def load(path_or_repo_id: str | os.PathLike, dtype: Any = "float32", *, allow_pickle: bool = False) -> Model:
-    """Load a LLaVA-1.5 checkpoint folder (or a repo id in the local HF cache) in `dtype`.
+    """Load a LLaVA-1.5 or InstructBLIP-Vicuna checkpoint folder (or a repo id in the local HF cache).
 
     dtype is both the parameter and the compute dtype; attention logits and softmax stay float32.
     """
@@ -106,7 +121,13 @@ def load(path_or_repo_id: str | os.PathLike, dtype: Any = "float32", *, allow_pi
     image_config = ImageProcessorConfig.from_preprocessor_config(
         json.loads((folder / "preprocessor_config.json").read_text())
     )
-    return Model(arch.kind, arch.config, module, params, Tokenizer.from_folder(folder), image_config, folder)
+    qformer_tokenizer = None
+    if arch.kind == "instructblip":
+        qformer_tokenizer = Tokenizer.from_folder(folder / QFORMER_TOKENIZER_FOLDER)
+    return Model(
+        arch.kind, arch.config, module, params, Tokenizer.from_folder(folder), image_config, folder,
+        qformer_tokenizer,
+    )
 
 
 def save_flax_checkpoint(model: Model, out_folder: str | os.PathLike) -> Path:
@@ -131,10 +152,14 @@ def save_hf_checkpoint(model: Model, out_folder: str | os.PathLike, dtype: Any =
 
 
 def _copy_side_files(source: Path, out: Path) -> None:
-    """Config, tokenizer and processor files travel with converted weights."""
+    """Config, tokenizer(s) and processor files travel with converted weights."""
+    if source.resolve() == out.resolve():
+        return
     for name in _SIDE_FILES:
-        if (source / name).exists() and source.resolve() != out.resolve():
+        if (source / name).exists():
             (out / name).write_bytes((source / name).read_bytes())
+    if (source / QFORMER_TOKENIZER_FOLDER).is_dir():
+        shutil.copytree(source / QFORMER_TOKENIZER_FOLDER, out / QFORMER_TOKENIZER_FOLDER, dirs_exist_ok=True)
 
 
 _SIDE_FILES = (

@@ -26,9 +26,9 @@ def bucket_length(length: int, bucket: int = BUCKET) -> int:
     return max(bucket, -(-length // bucket) * bucket)
 
 
-def pad_prompt(input_ids: Sequence[int], pad_id: int = 0) -> tuple[np.ndarray, int]:
+def pad_prompt(input_ids: Sequence[int], pad_id: int = 0, bucket: int = BUCKET) -> tuple[np.ndarray, int]:
     """Right-pad token ids to their bucket; returns (ids [T_bucket], true length)."""
-    ids = np.full(bucket_length(len(input_ids)), pad_id, np.int32)
+    ids = np.full(bucket_length(len(input_ids), bucket), pad_id, np.int32)
     ids[: len(input_ids)] = input_ids
     return ids, len(input_ids)
 
