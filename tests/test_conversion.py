@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
+from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 import vicrop_jax
@@ -177,5 +178,6 @@ def test_demo_command_runs_and_says_answers_mean_nothing(tmp_path, monkeypatch, 
     monkeypatch.setenv("VICROP_JAX_CACHE", str(tmp_path / "cache"))
     assert cli_main(["demo", "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    assert "answer:" in printed and "random weights" in printed
+    assert "answer with ViCrop:" in printed and "random weights" in printed
     assert (tmp_path / "out" / "demo_image.png").exists()
+    assert Image.open(tmp_path / "out" / "demo_map.png").size == (640, 640)

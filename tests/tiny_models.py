@@ -114,11 +114,11 @@ def make_qformer_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 def instructblip_config(*, image_size: int = 28, num_query_tokens: int = 4, num_kv_heads: int = 2):
     vision = InstructBlipVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=image_size, patch_size=14,
+        image_size=image_size, patch_size=14, initializer_range=0.02,  # the default 1e-10 makes features ~0
     )
     qformer = InstructBlipQFormerConfig(
-        vocab_size=80, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        cross_attention_frequency=1, pad_token_id=0,
+        vocab_size=80, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+        cross_attention_frequency=1, pad_token_id=0, initializer_range=0.3,  # non-uniform cross-attention
     )
     text = LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -1,15 +1,25 @@
 """vicrop_jax: LLaVA-1.5 and InstructBLIP in JAX/Flax, for ViCrop (training-free visual cropping).
 
 Public API:
-- `load(path_or_repo_id, dtype="float32") -> Model`: a Hugging Face checkpoint folder (or a repo id in
-  the local HF cache), converted through explicit key tables.
+- `load(path_or_repo_id, dtype="float32") -> Model`: a Hugging Face LLaVA-1.5 or InstructBLIP-Vicuna
+  checkpoint folder (or a repo id in the local HF cache), converted through explicit key tables.
 - `generate(model, images, prompt, max_new_tokens=20) -> str`: the greedy answer, prompt excluded.
+- `importance_map(model, image, question, method, **options) -> np.ndarray`: rel_att, grad_att, pure_grad.
+- `select_bbox(importance, image_size, base_size) -> (x1, y1, x2, y2)`: the paper's box selection.
+- `answer(model, image, question, method="rel_att", ...) -> Answer`: ViCrop end to end, one jitted program.
+- `answer_batch(model, images, questions, method="rel_att", ...) -> list[Answer]`: the same, vmapped.
+- `viz.overlay(image, importance, bbox, path)`: the map over the image, the box drawn.
 
 Everything else is importable for research use but private by convention.
 """
 
+from vicrop_jax import viz
 from vicrop_jax._generation import generate
 from vicrop_jax._loading import Model, load
+from vicrop_jax._vicrop import Answer, answer, answer_batch, importance_map
+from vicrop_jax.boxes import select_bbox
 
-__all__ = ["Model", "generate", "load"]
+__all__ = [
+    "Answer", "Model", "answer", "answer_batch", "generate", "importance_map", "load", "select_bbox", "viz",
+]
 __version__ = "0.1.0"

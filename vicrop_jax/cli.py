@@ -33,7 +33,6 @@ def demo_image(size: int = 640, seed: int = 0) -> Image.Image:
 def run_demo(args: argparse.Namespace) -> int:
     import vicrop_jax
     from vicrop_jax._demo import write_tiny_random_llava
-    from vicrop_jax.prompts import llava_prompt
 
     folder = Path(args.model) if args.model else default_cache_dir() / "tiny-random-llava"
     if not args.model and not (folder / "config.json").exists():
@@ -44,14 +43,16 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     image.save(out / "demo_image.png")
-    prompt = llava_prompt(args.question)
     for attempt in ("first call (compiles)", "second call (compiled)"):
         start = time.perf_counter()
-        answer = vicrop_jax.generate(model, [image], prompt)
+        result = vicrop_jax.answer(model, image, args.question, args.method)
         print(f"{attempt}: {time.perf_counter() - start:.2f} s")
-    print(f"question: {args.question}")
-    print(f"answer:   {answer!r}")
-    print(f"image:    {out / 'demo_image.png'}")
+    overlay_path = out / "demo_map.png"
+    vicrop_jax.viz.overlay(image, result.importance, result.bbox, overlay_path)
+    print(f"question:             {args.question}")
+    print(f"answer without crop:  {result.original_answer!r}")
+    print(f"answer with ViCrop:   {result.answer!r}  ({args.method}, box {result.bbox})")
+    print(f"map overlay:          {overlay_path}")
     if not args.model:
         print("NOTE: this checkpoint has random weights, so its answers mean nothing; the demo shows the "
               "pipeline (HF checkpoint -> Flax -> preprocessing -> jitted greedy decoding) end to end.")
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="answer a question about a generated image")
     demo.add_argument("--model", help="checkpoint folder or cached repo id (default: a tiny random model)")
     demo.add_argument("--question", default=DEMO_QUESTION)
+    demo.add_argument("--method", default="rel_att", choices=("rel_att", "grad_att", "pure_grad"))
     demo.add_argument("--out", default="vicrop_demo_out", help="folder for the image and outputs")
     demo.set_defaults(run=run_demo)
     convert = commands.add_parser("convert", help="convert a checkpoint once (Flax layout loads faster)")

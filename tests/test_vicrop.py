@@ -1,0 +1,150 @@
+"""ViCrop end to end on tiny checkpoints of both models: methods, paths, batching, compilation, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import vicrop_jax
+from vicrop_jax import _vicrop
+from vicrop_jax._generation import pixel_values
+from vicrop_jax.boxes import crop_and_resize_jax, tile_grid
+from tiny_models import instructblip_config, llava_config, save_instructblip, save_llava
+
+QUESTION = "What is the color of the small shape ?"
+METHODS = ["rel_att", "grad_att", "pure_grad"]
+
+
+@pytest.fixture(scope="module", params=["llava", "instructblip"])
+def model(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    if request.param == "llava":
+        save_llava(folder, llava_config(image_size=56, text_layers=3))
+    else:
+        save_instructblip(folder, instructblip_config(image_size=56))
+    return vicrop_jax.load(folder)
+
+
+def scene(width: int = 150, height: int = 110, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (height, width, 3), np.uint8))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_device_and_host_paths_agree(model, method):
+    image = scene()
+    device = vicrop_jax.answer(model, image, QUESTION, method, layer=1)
+    host = vicrop_jax.answer(model, image, QUESTION, method, layer=1, device_pipeline=False)
+    assert device.bbox == host.bbox
+    assert device.bbox == vicrop_jax.select_bbox(device.importance, image.size, model.config.image_size)
+    np.testing.assert_allclose(device.importance, host.importance, rtol=1e-5, atol=1e-7)
+    assert device.original_answer == host.original_answer
+    assert device.answer == host.answer
+    grid = model.config.vision.image_size // model.config.vision.patch_size
+    assert device.importance.shape == (grid, grid) and device.importance.dtype == np.float32
+    assert np.isfinite(device.importance).all()
+
+
+def test_device_crop_matches_the_host_crop_within_preprocessing_tolerance(model):
+    """The jitted crop+resize vs PIL crop + the checkpoint's image processor, in normalised units."""
+    image = scene(300, 200)
+    box = (40, 30, 152, 142)
+    size = model.config.image_size
+    array, valid = _vicrop._image_array(image)
+    static = _vicrop._model_static(model)
+    device = _vicrop._normalize_crop(
+        crop_and_resize_jax(array.astype(np.float32), valid, np.array(box), (size, size)), static[2]
+    )
+    host = pixel_values(model, [image.crop(box)])[0]
+    difference = np.abs(np.asarray(device) - host)
+    assert difference.mean() < 0.02  # bicubic kernels differ slightly (JAX vs Pillow); see tests/test_boxes.py
+    assert difference.max() < 0.5
+
+
+def test_a_new_question_reuses_the_compiled_pipeline(model):
+    image = scene()
+    vicrop_jax.answer(model, image, QUESTION, "rel_att", layer=1)
+    compiled = _vicrop._pipeline._cache_size()
+    vicrop_jax.answer(model, scene(seed=5), "What is the shape on the left ?", "rel_att", layer=1)
+    vicrop_jax.answer(model, scene(160, 100, seed=6), "how many ?", "rel_att", layer=1)
+    assert _vicrop._pipeline._cache_size() == compiled
+
+
+def test_answer_batch_equals_one_by_one(model):
+    images = [scene(), scene(90, 120, seed=1), scene(seed=2)]
+    questions = [QUESTION, "What shape is on the left ?", "how many ?"]
+    batched = vicrop_jax.answer_batch(model, images, questions, "grad_att", batch_size=2, layer=1)
+    for result, image, question in zip(batched, images, questions):
+        single = vicrop_jax.answer(model, image, question, "grad_att", layer=1)
+        assert (result.bbox, result.answer, result.original_answer) == (
+            single.bbox, single.answer, single.original_answer
+        )
+        np.testing.assert_allclose(result.importance, single.importance, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["none", "gt", "random", "center"])
+def test_baselines(model, method):
+    image = scene(400, 300)
+    result = vicrop_jax.answer(model, image, QUESTION, method, bbox=(200, 150, 210, 160))
+    plain = vicrop_jax.answer(model, image, QUESTION, "none")
+    assert result.original_answer == plain.original_answer
+    if method == "none":
+        assert result.bbox is None and result.answer == result.original_answer
+        return
+    x1, y1, x2, y2 = result.bbox
+    side = model.config.image_size
+    assert 0 <= x1 < x2 <= 400 and 0 <= y1 < y2 <= 300 and (x2 - x1, y2 - y1) == (side, side)
+    if method == "gt":
+        assert x1 <= 200 and y1 <= 150 and x2 >= 210 and y2 >= 160
+
+
+def test_short_question_drives_the_map_only(model):
+    image = scene()
+    long_question = QUESTION + " Options : red green"
+    with_short = vicrop_jax.answer(model, image, long_question, "rel_att", short_question=QUESTION, layer=1)
+    plain_map = vicrop_jax.importance_map(model, image, QUESTION, "rel_att", layer=1)
+    np.testing.assert_allclose(with_short.importance, plain_map, rtol=1e-5)
+    assert with_short.original_answer == vicrop_jax.answer(model, image, long_question, "none").answer
+
+
+def test_high_resolution_tiles_are_stitched(model):
+    image = scene(2100, 700)
+    grid = model.config.vision.image_size // model.config.vision.patch_size
+    stitched = vicrop_jax.importance_map(model, image, QUESTION, "rel_att", high_res=True, layer=1)
+    rows, cols, _, _ = tile_grid(image.size)
+    assert (rows, cols) == (1, 3)  # rows = ceil(700 / 1024), cols = int(rows * 2100 / 700)
+    assert stitched.shape == (grid * rows, grid * cols)
+    result = vicrop_jax.answer(model, image, QUESTION, "rel_att", high_res=True, layer=1)
+    assert result.bbox == vicrop_jax.select_bbox(stitched, image.size, model.config.image_size)
+
+
+def test_bad_options_are_refused_with_the_valid_range(model):
+    image = scene()
+    with pytest.raises(ValueError, match=r"layer 7 is out of range: this model has LM layers 0\.\.\d"):
+        vicrop_jax.importance_map(model, image, QUESTION, "rel_att", layer=7)
+    with pytest.raises(ValueError, match=r"heads \[9\] invalid: LM heads are 0\.\.3"):
+        vicrop_jax.importance_map(model, image, QUESTION, "rel_att", layer=1, heads=[9])
+    with pytest.raises(ValueError, match="unknown method 'saliency'"):
+        vicrop_jax.answer(model, image, QUESTION, "saliency")
+    with pytest.raises(ValueError, match="needs the ground-truth box"):
+        vicrop_jax.answer(model, image, QUESTION, "gt")
+    if model.kind == "instructblip":
+        with pytest.raises(ValueError, match=r"qformer_layer 5 is out of range.*0\.\.2"):
+            vicrop_jax.importance_map(model, image, QUESTION, "rel_att", layer=1, qformer_layer=5)
+
+
+def test_head_subsets_change_the_map(model):
+    image = scene()
+    every = vicrop_jax.importance_map(model, image, QUESTION, "rel_att", layer=1)
+    first = vicrop_jax.importance_map(model, image, QUESTION, "rel_att", layer=1, heads=[0])
+    assert not np.allclose(every, first)
+
+
+def test_viz_writes_an_overlay_png(model, tmp_path):
+    image = scene(300, 200)
+    result = vicrop_jax.answer(model, image, QUESTION, "rel_att", layer=1)
+    picture = vicrop_jax.viz.overlay(image, result.importance, result.bbox, tmp_path / "map.png")
+    saved = Image.open(tmp_path / "map.png")
+    assert saved.format == "PNG" and saved.size == image.size
+    x1, y1, x2, y2 = result.bbox
+    assert np.asarray(picture)[y1, (x1 + x2) // 2].tolist() == [255, 0, 0]  # the box's top edge is drawn

@@ -1,0 +1,336 @@
+"""ViCrop end to end: importance map -> box -> crop -> encode both images -> answer.
+
+Two paths give the same box and (within preprocessing tolerance) the same answers:
+- the device path (default): one jit-compiled program from pixels to answer tokens, no host round trip
+  between the map and the answer (box selection with fixed shapes, crop and resize with
+  `jax.image.scale_and_translate`), compiled once per (image bucket, prompt bucket, options);
+- the host path (`device_pipeline=False`): map on the device, box on the host (`boxes.select_bbox`),
+  crop with PIL and the checkpoint's image processor, as the published code does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+
+from vicrop_jax._generation import ImageLike, encode_images, generate_ids, pixel_values, prompt_inputs
+from vicrop_jax._loading import Model
+from vicrop_jax._prepare import map_options, prompt_arrays, question_prompt
+from vicrop_jax.boxes import (
+    center_box, crop_and_resize_jax, grow_box, random_box, select_bbox, select_bbox_jax, stitch_maps, tile_boxes,
+    tile_grid,
+)
+from vicrop_jax.decoding import decode_from, strip_generated
+from vicrop_jax.llama import KVCache
+from vicrop_jax.maps import MapOptions, PromptArrays, device_map, high_pass_mask
+from vicrop_jax.preprocessing import load_image
+
+MAP_METHODS = ("rel_att", "grad_att", "pure_grad")
+BASELINES = ("none", "gt", "random", "center")
+HIGH_RES_THRESHOLD = 1024
+IMAGE_BUCKET = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    answer: str  # with the crop as a second image (equal to original_answer for method "none")
+    original_answer: str  # the original image only
+    bbox: tuple[int, int, int, int] | None  # (left, top, right, bottom) in original pixels
+    importance: np.ndarray | None  # the map [grid_h, grid_w] for map methods
+    timings: dict[str, float]
+
+
+def base_size(model: Model) -> int:
+    return model.config.image_size
+
+
+def _image_array(image: PIL.Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Full-resolution pixels zero-padded to a size bucket (one compile per bucket), and the true (W, H)."""
+    width, height = image.size
+    bucket = lambda n: -(-n // IMAGE_BUCKET) * IMAGE_BUCKET
+    padded = np.zeros((bucket(height), bucket(width), 3), np.uint8)
+    padded[:height, :width] = np.asarray(image)
+    return padded, np.array([width, height], np.int32)
+
+
+def _normalize_crop(crop: jax.Array, normalization: tuple) -> jax.Array:
+    """Crop pixels in [0,255] -> model input, as the image processor does after its resize (uint8 rounding)."""
+    rescale, mean, std = normalization
+    crop = jnp.clip(jnp.round(crop), 0, 255) * rescale
+    return (crop - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def _processor_box(kind: str, box: jax.Array) -> jax.Array:
+    """The part of a box that the processor keeps: CLIP center-crops to a square after resizing."""
+    if kind != "llava":
+        return box
+    width, height = box[2] - box[0], box[3] - box[1]
+    side = jnp.minimum(width, height)
+    left = box[0] + (width - side) // 2
+    top = box[1] + (height - side) // 2
+    return jnp.stack([left, top, left + side, top + side])
+
+
+def _generate(module, params, prompt: PromptArrays, features, max_new_tokens, eos_ids):
+    """Greedy tokens for one prompt (ids [T]) over image features [M, D], inside a traced program."""
+    embeds = module.apply({"params": params}, prompt.ids[None], features[None], method="embed")
+    cache = KVCache.zeros(module.config.text, 1, prompt.ids.shape[0] + max_new_tokens, module.dtype)
+    hidden, cache = module.apply({"params": params}, embeds, cache, 0, method="decode")
+    logits = module.apply({"params": params}, hidden[0, prompt.length - 1], method="logits")
+    return decode_from(module, params, logits, cache, prompt.length, max_new_tokens, eos_ids)
+
+
+def _encode_pair(module, params, pixels, crop_pixels, prompt: PromptArrays):
+    both = jnp.stack([pixels, crop_pixels])
+    if prompt.qformer_ids is None:
+        return encode_images(module, params, both)
+    text = (jnp.stack([prompt.qformer_ids] * 2), jnp.stack([prompt.qformer_mask] * 2))
+    return encode_images(module, params, both, *text)
+
+
+def _crop_and_answer(model_static, params, pixels, image, image_size, box, crop_prompt, original_prompt,
+                     max_new_tokens):
+    """Device program: crop the box, encode original + crop, decode both answers."""
+    module, kind, normalization, eos_ids = model_static
+    size = module.config.image_size
+    crop = crop_and_resize_jax(image.astype(jnp.float32), image_size, _processor_box(kind, box), (size, size))
+    crop_pixels = _normalize_crop(crop, normalization)
+    features = _encode_pair(module, params, pixels, crop_pixels.astype(pixels.dtype), crop_prompt)
+    with_crop = _generate(module, params, crop_prompt, features.reshape(-1, features.shape[-1]),
+                          max_new_tokens, eos_ids)
+    original = _generate(module, params, original_prompt, features[0], max_new_tokens, eos_ids)
+    return with_crop, original
+
+
+def _pipeline_one(model_static, params, pixels, image, image_size, question, general, high_pass, crop_prompt,
+                  original_prompt, *, options: MapOptions, max_new_tokens: int):
+    """map -> box -> crop -> answers for one record, as traced device code."""
+    module = model_static[0]
+    importance = device_map(module, params, pixels, question, general, high_pass, options)
+    box = select_bbox_jax(importance, image_size, module.config.image_size)
+    answers = _crop_and_answer(model_static, params, pixels, image, image_size, box, crop_prompt,
+                               original_prompt, max_new_tokens)
+    return importance, box, *answers
+
+
+_pipeline = jax.jit(_pipeline_one, static_argnames=("model_static", "options", "max_new_tokens"))
+
+
+@functools.partial(jax.jit, static_argnames=("model_static", "options", "max_new_tokens"))
+def _pipeline_batch(model_static, params, *records, options: MapOptions, max_new_tokens: int):
+    """`_pipeline_one` vmapped over a batch of records (leading axis of every record array)."""
+    one = functools.partial(_pipeline_one, model_static, params, options=options, max_new_tokens=max_new_tokens)
+    return jax.vmap(one)(*records)
+
+
+_map_jit = jax.jit(device_map, static_argnums=(0,), static_argnames=("options",))
+_crop_and_answer_jit = jax.jit(_crop_and_answer, static_argnames=("model_static", "max_new_tokens"))
+
+
+def _model_static(model: Model):
+    """The hashable parts of a model that shape the compiled programs."""
+    config = model.image_config
+    normalization = (config.rescale_factor, tuple(config.image_mean), tuple(config.image_std))
+    return (model.module, model.kind, normalization, model.config.text.eos_token_ids)
+
+
+def _map_inputs(model: Model, image: PIL.Image.Image, question: str, options: MapOptions):
+    pixels = pixel_values(model, [image])[0]
+    question_arrays, general_arrays = prompt_arrays(
+        model, [question_prompt(model, question), question_prompt(model, options.general_question)]
+    )
+    size = model.config.image_size
+    if options.method == "pure_grad":
+        high_pass = high_pass_mask(image, size).astype(np.float32)
+    else:
+        high_pass = np.ones((size, size), np.float32)
+    return pixels, question_arrays, general_arrays, high_pass
+
+
+def _single_map(model: Model, image: PIL.Image.Image, question: str, options: MapOptions) -> np.ndarray:
+    return np.asarray(_map_jit(model.module, model.params, *_map_inputs(model, image, question, options),
+                               options=options))
+
+
+def _high_res_map(model: Model, image: PIL.Image.Image, question: str, options: MapOptions) -> np.ndarray:
+    """SPEC section 4: one map per tile of at most 1024 px, stitched in tile order."""
+    rows, cols, _, _ = tile_grid(image.size, HIGH_RES_THRESHOLD)
+    tiles = [image.crop(box) for box in tile_boxes(image.size, HIGH_RES_THRESHOLD, clip=False)]
+    return stitch_maps([_single_map(model, tile, question, options) for tile in tiles], rows, cols)
+
+
+def importance_map(model: Model, image: ImageLike, question: str, method: str = "rel_att", *,
+                   high_res: bool = False, **options) -> np.ndarray:
+    """The importance map (float32, grid-shaped) of `method` for a question about an image.
+
+    options: layer, qformer_layer, heads, general_question, clip_negative (see SPEC section 2).
+    With high_res=True, images with a side above 1024 px are tiled and the tile maps stitched.
+    """
+    opts = map_options(model, method, **options)
+    image = load_image(image)
+    if high_res and max(image.size) > HIGH_RES_THRESHOLD:
+        return _high_res_map(model, image, question, opts)
+    return _single_map(model, image, question, opts)
+
+
+def _baseline_box(model: Model, method: str, image_size, bbox, seed: int):
+    base = base_size(model)
+    if method == "gt":
+        if bbox is None:
+            raise ValueError("method 'gt' needs the ground-truth box: pass bbox=(x1, y1, x2, y2)")
+        return grow_box(bbox, image_size, base)
+    if method == "random":
+        return random_box(image_size, base, np.random.default_rng(seed))
+    return center_box(image_size, base)
+
+
+def _answer_prompts(model: Model, question: str) -> tuple[PromptArrays, PromptArrays]:
+    crop_prompt = prompt_arrays(model, [question_prompt(model, question, 2)], num_images=2)[0]
+    original_prompt = prompt_arrays(model, [question_prompt(model, question, 1)])[0]
+    return crop_prompt, original_prompt
+
+
+def _decode(model: Model, tokens) -> str:
+    return model.tokenizer.decode(strip_generated(np.asarray(tokens)))
+
+
+def answer(model: Model, image: ImageLike, question: str, method: str = "rel_att", *,
+           short_question: str | None = None, high_res: bool = False, max_new_tokens: int = 20,
+           bbox: Sequence[float] | None = None, seed: int = 0, device_pipeline: bool = True,
+           **options) -> Answer:
+    """Answer with ViCrop: the map of `method` picks a box, the crop joins the original as a second image.
+
+    method: rel_att, grad_att, pure_grad (maps), or the baselines none, gt (needs `bbox`), random, center.
+    `short_question` (V*-style) is used for the map only. `device_pipeline=False` runs the host path.
+    """
+    if method not in MAP_METHODS + BASELINES:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(MAP_METHODS + BASELINES)}")
+    start = time.perf_counter()
+    image = load_image(image)
+    pixels = pixel_values(model, [image])[0]
+    if method == "none":
+        ids, image_text = prompt_inputs(model, question_prompt(model, question), 1)
+        text = model.tokenizer.decode(generate_ids(model, pixels[None], ids, max_new_tokens, image_text))
+        return Answer(text, text, None, None, {"total": time.perf_counter() - start})
+    crop_prompt, original_prompt = _answer_prompts(model, question)
+    image_array, image_size = _image_array(image)
+    static = _model_static(model)
+    map_question = short_question or question
+    if method in MAP_METHODS:
+        opts = map_options(model, method, **options)
+        if device_pipeline and not (high_res and max(image.size) > HIGH_RES_THRESHOLD):
+            _, question_arrays, general_arrays, high_pass = _map_inputs(model, image, map_question, opts)
+            importance, box, with_crop, original = _pipeline(
+                static, model.params, pixels, image_array, image_size, question_arrays, general_arrays,
+                high_pass, crop_prompt, original_prompt, options=opts, max_new_tokens=max_new_tokens,
+            )
+            return Answer(_decode(model, with_crop), _decode(model, original),
+                          tuple(int(v) for v in np.asarray(box)), np.asarray(importance),
+                          {"total": time.perf_counter() - start})
+        importance = importance_map(model, image, map_question, method, high_res=high_res, **options)
+        box = select_bbox(importance, image.size, base_size(model))
+    else:
+        importance, box = None, _baseline_box(model, method, image.size, bbox, seed)
+    map_done = time.perf_counter()
+    if device_pipeline:
+        with_crop, original = _crop_and_answer_jit(
+            static, model.params, pixels, image_array, image_size, np.asarray(box, np.int32), crop_prompt,
+            original_prompt, max_new_tokens=max_new_tokens,
+        )
+        texts = _decode(model, with_crop), _decode(model, original)
+    else:
+        texts = _host_answers(model, image, question, pixels, box, max_new_tokens)
+    timings = {"map": map_done - start, "answer": time.perf_counter() - map_done, "total": time.perf_counter() - start}
+    return Answer(*texts, tuple(int(v) for v in box), importance, timings)
+
+
+def _host_answers(model: Model, image: PIL.Image.Image, question: str, pixels: np.ndarray, box,
+                  max_new_tokens: int) -> tuple[str, str]:
+    """The published path: PIL crop, the image processor on the crop, two generations."""
+    crop_pixels = pixel_values(model, [image.crop(tuple(int(v) for v in box))])[0]
+    ids, image_text = prompt_inputs(model, question_prompt(model, question, 2), 2)
+    with_crop = generate_ids(model, np.stack([pixels, crop_pixels]), ids, max_new_tokens, image_text)
+    ids, image_text = prompt_inputs(model, question_prompt(model, question, 1), 1)
+    original = generate_ids(model, pixels[None], ids, max_new_tokens, image_text)
+    return model.tokenizer.decode(with_crop), model.tokenizer.decode(original)
+
+
+def _stack(trees: list) -> Any:
+    return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *trees)
+
+
+def _batch_records(model: Model, images: list[PIL.Image.Image], questions: list[str], map_questions: list[str],
+                   options: MapOptions) -> tuple:
+    """Host inputs of `_pipeline_batch`: images padded to one size bucket, prompts to one length bucket."""
+    size = model.config.image_size
+    arrays = [_image_array(image) for image in images]
+    height = max(a.shape[0] for a, _ in arrays)
+    width = max(a.shape[1] for a, _ in arrays)
+    padded = np.zeros((len(images), height, width, 3), np.uint8)
+    for i, (array, _) in enumerate(arrays):
+        padded[i, : array.shape[0], : array.shape[1]] = array
+    map_prompts = prompt_arrays(model, [question_prompt(model, q) for q in map_questions]
+                                + [question_prompt(model, options.general_question)])
+    general = map_prompts[-1]
+    if options.method == "pure_grad":
+        high_pass = np.stack([high_pass_mask(image, size) for image in images]).astype(np.float32)
+    else:
+        high_pass = np.ones((len(images), size, size), np.float32)
+    return (
+        pixel_values(model, images), padded, np.stack([s for _, s in arrays]), _stack(map_prompts[:-1]),
+        _stack([general] * len(images)), high_pass,
+        _stack(prompt_arrays(model, [question_prompt(model, q, 2) for q in questions], num_images=2)),
+        _stack(prompt_arrays(model, [question_prompt(model, q) for q in questions])),
+    )
+
+
+def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[str], method: str = "rel_att", *,
+                 short_questions: Sequence[str | None] | None = None, batch_size: int = 8,
+                 max_new_tokens: int = 20, bboxes: Sequence | None = None, high_res: bool = False,
+                 seed: int = 0, **options) -> list[Answer]:
+    """`answer` for many (image, question) pairs: map methods run as one vmapped program per batch.
+
+    Each batch is padded to `batch_size` records (the last by repeating its final record), images to one
+    size bucket and prompts to one length bucket, so a run compiles once per bucket. Baselines and
+    high-resolution tiling run record by record.
+    """
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions: pass one image per question")
+    short_questions = list(short_questions) if short_questions is not None else [None] * len(questions)
+    if method not in MAP_METHODS or high_res:
+        boxes = list(bboxes) if bboxes is not None else [None] * len(questions)
+        return [
+            answer(model, image, question, method, short_question=short, high_res=high_res, bbox=box,
+                   seed=seed + i, max_new_tokens=max_new_tokens, **options)
+            for i, (image, question, short, box) in enumerate(zip(images, questions, short_questions, boxes))
+        ]
+    opts = map_options(model, method, **options)
+    results: list[Answer] = []
+    for begin in range(0, len(questions), batch_size):
+        start = time.perf_counter()
+        chunk = slice(begin, begin + batch_size)
+        chunk_images = [load_image(image) for image in images[chunk]]
+        chunk_questions = list(questions[chunk])
+        count = len(chunk_questions)
+        map_questions = [s or q for s, q in zip(short_questions[chunk], chunk_questions)]
+        fill = batch_size - count
+        records = _batch_records(model, chunk_images + chunk_images[-1:] * fill,
+                                 chunk_questions + chunk_questions[-1:] * fill,
+                                 map_questions + map_questions[-1:] * fill, opts)
+        importance, box, with_crop, original = jax.device_get(_pipeline_batch(
+            _model_static(model), model.params, *records, options=opts, max_new_tokens=max_new_tokens,
+        ))
+        elapsed = (time.perf_counter() - start) / count
+        results.extend(
+            Answer(_decode(model, with_crop[i]), _decode(model, original[i]), tuple(int(v) for v in box[i]),
+                   importance[i], {"total": elapsed})
+            for i in range(count)
+        )
+    return results
