@@ -142,7 +142,7 @@ def _model_static(model: Model):
 
 
 def _map_inputs(model: Model, image: PIL.Image.Image, question: str, options: MapOptions):
-    pixels = pixel_values(model, [image])[0]
+    """(question prompt, general prompt, high-pass mask) of one map; the mask is all ones but for pure-grad."""
     question_arrays, general_arrays = prompt_arrays(
         model, [question_prompt(model, question), question_prompt(model, options.general_question)]
     )
@@ -151,12 +151,13 @@ def _map_inputs(model: Model, image: PIL.Image.Image, question: str, options: Ma
         high_pass = high_pass_mask(image, size).astype(np.float32)
     else:
         high_pass = np.ones((size, size), np.float32)
-    return pixels, question_arrays, general_arrays, high_pass
+    return question_arrays, general_arrays, high_pass
 
 
 def _single_map(model: Model, image: PIL.Image.Image, question: str, options: MapOptions) -> np.ndarray:
-    return np.asarray(_map_jit(model.module, model.params, *_map_inputs(model, image, question, options),
-                               options=options))
+    pixels = pixel_values(model, [image])[0]
+    inputs = _map_inputs(model, image, question, options)
+    return np.asarray(_map_jit(model.module, model.params, pixels, *inputs, options=options))
 
 
 def _high_res_map(model: Model, image: PIL.Image.Image, question: str, options: MapOptions) -> np.ndarray:
@@ -226,7 +227,7 @@ def answer(model: Model, image: ImageLike, question: str, method: str = "rel_att
     if method in MAP_METHODS:
         opts = map_options(model, method, **options)
         if device_pipeline and not (high_res and max(image.size) > HIGH_RES_THRESHOLD):
-            _, question_arrays, general_arrays, high_pass = _map_inputs(model, image, map_question, opts)
+            question_arrays, general_arrays, high_pass = _map_inputs(model, image, map_question, opts)
             importance, box, with_crop, original = _pipeline(
                 static, model.params, pixels, image_array, image_size, question_arrays, general_arrays,
                 high_pass, crop_prompt, original_prompt, options=opts, max_new_tokens=max_new_tokens,

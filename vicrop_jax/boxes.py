@@ -5,9 +5,10 @@ same selection with fixed shapes, so that it jits, vmaps, and takes the image si
 return the same box for every input (finite float32 maps), by construction rather than by tolerance:
 
 - Window sums: numpy's float32 `.sum()` of a window slice, which the published code takes on its float32 maps, is
-  a pairwise sum over the window's cells in row-major order (numpy 1.26 to 2.4, windows up to 8192 cells; see
-  `_pairwise_sum`). Both implementations add in exactly that order, so every sum, and therefore every tie between
-  windows, is bit-identical to the published one.
+  a pairwise sum over the window's cells in row-major order (`_pairwise_sum`; numpy 1.26 to 2.4 alike). Both
+  implementations add in exactly that order, so every sum, and therefore every tie between windows, is
+  bit-identical to the published one. (Windows over 8192 cells, which numpy versions chunk differently, would
+  need stitched maps of absurdly small tiles.)
 - The window in cells, `min(int(B*r / (W/gw)), gw)`, is the published float64 expression. The device reproduces it
   without float64: at trace time, for each count n of cells, the largest image side whose float64 expression
   still reaches n is found (the expression never grows with the side), and the device counts thresholds.
@@ -88,8 +89,8 @@ def select_bbox(importance: np.ndarray, image_size: tuple[int, int], base_size: 
 
     Tries windows of B*r pixels for r in RATIOS, keeps for each the cell position with the largest sum (first in
     x-major order), and picks the r whose maximum stands out most from its neighbours (first on ties). Returns the
-    whole image when even r = 1 covers the grid. A grid cell wider than B gives an empty window at r = 1; the
-    published code then divides 0 by 0 and numpy's argmax takes the NaN, so r = 1 at cell (0, 0) wins. Kept.
+    whole image when even r = 1 covers the grid. A grid cell wider or taller than B gives an empty window at r = 1;
+    the published code then divides 0 by 0 and numpy's argmax takes the NaN, so r = 1 at cell (0, 0) wins. Kept.
     """
     grid = _as_map(importance)
     width, height = _as_size(image_size)
@@ -150,7 +151,7 @@ def _pairwise_sum(values: np.ndarray) -> np.ndarray:
             total = total + values[..., i]
         return total
     whole = n - n % UNROLL
-    lanes = values[..., :UNROLL].copy()
+    lanes = values[..., :UNROLL]
     for group in range(UNROLL, whole, UNROLL):
         lanes = lanes + values[..., group : group + UNROLL]
     lane = [lanes[..., j] for j in range(UNROLL)]
@@ -194,8 +195,8 @@ def select_bbox_jax(importance: jax.Array, image_size: jax.Array, base_size: int
     """`select_bbox` with fixed shapes: importance [gh, gw], image_size [2] int (W, H) -> box [4] int32.
 
     jit- and vmap-able with a traced image size, so images of any size share one program per grid shape and
-    base size. All ratios are evaluated at once, with masks for the positions where a window does not fit.
-    NaN in the map gives an unspecified box (the host version raises).
+    base size (base_size is static). All ratios are evaluated at once, with masks for the positions where a window
+    does not fit. NaN in the map gives an unspecified box (the host version raises).
     """
     grid = jnp.asarray(importance, jnp.float32)
     if grid.ndim != 2:
@@ -221,7 +222,7 @@ def select_bbox_jax(importance: jax.Array, image_size: jax.Array, base_size: int
     return jnp.where(covers[0], jnp.stack([0, 0, width, height]), box).astype(jnp.int32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cell_thresholds(base_size: int, cells: int) -> np.ndarray:
     """[R, cells]: entry (k, n-1) is the largest image side whose window for RATIOS[k] spans >= n cells (0: none).
 
@@ -329,15 +330,19 @@ def _span_jax(centre: jax.Array, half: jax.Array, side: jax.Array) -> tuple[jax.
     return jnp.maximum(0, centre - half), jnp.minimum(side, centre + half)
 
 
-def crop_and_resize_jax(image: jax.Array, valid_size: jax.Array, box: jax.Array, out_size: tuple[int, int]) -> jax.Array:
+def crop_and_resize_jax(
+    image: jax.Array, valid_size: jax.Array, box: jax.Array, out_size: tuple[int, int]
+) -> jax.Array:
     """Crop `box` out of image [H, W, C] and resize it to out_size (h, w) with antialiased Keys bicubic (a = -0.5).
 
-    The device counterpart of `PIL.Image.crop(box).resize((w, h), Image.BICUBIC)`. Only pixels inside the box
-    count, as in PIL, where the crop is a separate image: the box and a box mask are resized together and divided,
-    which renormalises every output pixel's weights over the box. So the zero padding beyond `valid_size` (W, H)
-    (images padded to a bucket) never leaks in. The box is clipped to the valid region and kept at least one pixel
-    wide. A non-square box is stretched to out_size (aspect not kept). Values are not clipped, so bicubic overshoot
-    stays (PIL clips and rounds to uint8); the value range, [0, 1] or [0, 255], does not matter.
+    The device counterpart of `PIL.Image.crop(box).resize((w, h), Image.BICUBIC)`, jit- and vmap-able with a
+    traced box and valid size. Only pixels inside the box count, as in PIL, where the crop is a separate image:
+    the box and a box mask are resized together and divided, which renormalises every output pixel's weights over
+    the box, so neither the rest of the image nor the padding beyond `valid_size` (W, H) (images padded to a
+    bucket) leaks in. The box is clipped to the valid region and kept at least one pixel wide. A non-square box is
+    stretched to out_size (aspect not kept). The result is float and unclipped, so any value range works. Against
+    PIL on uint8 images, after rounding and clipping: mean |difference| 0.2, at most 1 on smooth images; on pure
+    noise mean 0.27 and up to 25 where bicubic overshoots, because PIL rounds and clips between its two passes.
     """
     out_h, out_w = out_size
     pixels = jnp.asarray(image, jnp.float32)
@@ -349,8 +354,8 @@ def crop_and_resize_jax(image: jax.Array, valid_size: jax.Array, box: jax.Array,
     bottom = jnp.clip(box[3], top + 1, size[1])
     inside_y = (jnp.arange(pixels.shape[0]) >= top) & (jnp.arange(pixels.shape[0]) < bottom)
     inside_x = (jnp.arange(pixels.shape[1]) >= left) & (jnp.arange(pixels.shape[1]) < right)
-    mask = (inside_y[:, None] & inside_x[None, :]).astype(jnp.float32)[..., None]
-    stacked = jnp.concatenate([pixels * mask, mask], axis=-1)
+    inside = (inside_y[:, None] & inside_x[None, :])[..., None]
+    stacked = jnp.concatenate([jnp.where(inside, pixels, 0.0), inside.astype(jnp.float32)], axis=-1)
     scale = jnp.stack([out_h / (bottom - top), out_w / (right - left)]).astype(jnp.float32)
     translation = -jnp.stack([top, left]).astype(jnp.float32) * scale
     resized = jax.image.scale_and_translate(
@@ -369,6 +374,8 @@ def tile_grid(image_size: tuple[int, int], max_tile: int = MAX_TILE) -> tuple[in
     rows = ceil(H/max_tile) and cols = int(rows*W/H), so tiles are about square with a height of at most max_tile;
     a tile can be wider than max_tile (up to about twice). cols is at least 1: the published code gives 0 for
     images taller than `rows` times their width. Integer arithmetic; it equals the published float expressions.
+    Which images to tile is the caller's choice: SPEC tiles sides over 1024, the published `*_high` methods tile
+    every image (a small one gives rows = 1).
     """
     width, height = _as_size(image_size)
     if operator.index(max_tile) <= 0:
