@@ -148,3 +148,17 @@ def test_viz_writes_an_overlay_png(model, tmp_path):
     assert saved.format == "PNG" and saved.size == image.size
     x1, y1, x2, y2 = result.bbox
     assert np.asarray(picture)[y1, (x1 + x2) // 2].tolist() == [255, 0, 0]  # the box's top edge is drawn
+
+
+@pytest.mark.parametrize("method", ["rel_att", "grad_att"])
+def test_prefix_cached_maps_equal_whole_prompt_maps(model, method):
+    """LLaVA's maps from the shared prefix cache equal the maps of full forwards over whole prompts."""
+    if model.kind != "llava":
+        pytest.skip("InstructBLIP's prefix differs per prompt (the Q-Former reads the text)")
+    image = scene()
+    options = _vicrop.map_options(model, method, layer=1)
+    pixels = pixel_values(model, [image])[0]
+    whole = _vicrop._map_jit(model.module, model.params, pixels, *_vicrop._map_inputs(model, image, QUESTION, options),
+                             options=options)
+    cached = vicrop_jax.importance_map(model, image, QUESTION, method, layer=1)
+    np.testing.assert_allclose(cached, np.asarray(whole), rtol=1e-4, atol=1e-7)

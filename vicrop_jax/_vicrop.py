@@ -30,6 +30,7 @@ from vicrop_jax.boxes import (
 from vicrop_jax.decoding import decode_from, strip_generated
 from vicrop_jax.llama import KVCache
 from vicrop_jax.maps import MapOptions, PromptArrays, device_map, high_pass_mask
+from vicrop_jax._prefix import prefill_prefix, prefix_answers, prefix_map
 from vicrop_jax.preprocessing import load_image
 
 MAP_METHODS = ("rel_att", "grad_att", "pure_grad")
@@ -95,24 +96,57 @@ def _encode_pair(module, params, pixels, crop_pixels, prompt: PromptArrays):
     return encode_images(module, params, both, *text)
 
 
+def _crop_pixels(model_static, image, image_size, box, dtype):
+    """The box of the full-resolution image as model input, as the image processor would make it."""
+    module, kind, normalization = model_static[:3]
+    size = module.config.image_size
+    crop = crop_and_resize_jax(image.astype(jnp.float32), image_size, _processor_box(kind, box), (size, size))
+    return _normalize_crop(crop, normalization).astype(dtype)
+
+
 def _crop_and_answer(model_static, params, pixels, image, image_size, box, crop_prompt, original_prompt,
                      max_new_tokens):
     """Device program: crop the box, encode original + crop, decode both answers."""
-    module, kind, normalization, eos_ids = model_static
-    size = module.config.image_size
-    crop = crop_and_resize_jax(image.astype(jnp.float32), image_size, _processor_box(kind, box), (size, size))
-    crop_pixels = _normalize_crop(crop, normalization)
-    features = _encode_pair(module, params, pixels, crop_pixels.astype(pixels.dtype), crop_prompt)
+    module, eos_ids = model_static[0], model_static[3]
+    crop_pixels = _crop_pixels(model_static, image, image_size, box, pixels.dtype)
+    features = _encode_pair(module, params, pixels, crop_pixels, crop_prompt)
     with_crop = _generate(module, params, crop_prompt, features.reshape(-1, features.shape[-1]),
                           max_new_tokens, eos_ids)
     original = _generate(module, params, original_prompt, features[0], max_new_tokens, eos_ids)
     return with_crop, original
 
 
+def uses_prefix_cache(kind: str, options: MapOptions) -> bool:
+    """LLaVA's attention maps run from a shared prefix cache (`_prefix.py`); the rest run whole prompts."""
+    return kind == "llava" and options.method in ("rel_att", "grad_att")
+
+
+def _prefix_pipeline_one(model_static, params, pixels, image, image_size, question, general, crop_prompt,
+                         original_prompt, *, options: MapOptions, max_new_tokens: int, reuse_question_pass: bool):
+    """The LLaVA attention-map pipeline from one prefix prefill (see `_prefix.py`)."""
+    module, eos_ids, prefix_length = model_static[0], model_static[3], model_static[4]
+    features = encode_images(module, params, pixels[None])[0]
+    cache = prefill_prefix(module, params, features, question.ids[:prefix_length],
+                           crop_prompt.ids.shape[0] + max_new_tokens)
+    importance, logits, question_cache = prefix_map(module, params, features, cache, prefix_length, question,
+                                                    general, options)
+    box = select_bbox_jax(importance, image_size, module.config.image_size)
+    crop_features = encode_images(module, params, _crop_pixels(model_static, image, image_size, box,
+                                                               pixels.dtype)[None])[0]
+    question_pass = (logits, question_cache) if reuse_question_pass else None
+    answers = prefix_answers(module, params, features, crop_features, cache, prefix_length, crop_prompt,
+                             original_prompt, question_pass, max_new_tokens, eos_ids)
+    return importance, box, *answers
+
+
 def _pipeline_one(model_static, params, pixels, image, image_size, question, general, high_pass, crop_prompt,
-                  original_prompt, *, options: MapOptions, max_new_tokens: int):
+                  original_prompt, *, options: MapOptions, max_new_tokens: int, reuse_question_pass: bool):
     """map -> box -> crop -> answers for one record, as traced device code."""
     module = model_static[0]
+    if uses_prefix_cache(model_static[1], options):
+        return _prefix_pipeline_one(model_static, params, pixels, image, image_size, question, general, crop_prompt,
+                                    original_prompt, options=options, max_new_tokens=max_new_tokens,
+                                    reuse_question_pass=reuse_question_pass)
     importance = device_map(module, params, pixels, question, general, high_pass, options)
     box = select_bbox_jax(importance, image_size, module.config.image_size)
     answers = _crop_and_answer(model_static, params, pixels, image, image_size, box, crop_prompt,
@@ -120,13 +154,16 @@ def _pipeline_one(model_static, params, pixels, image, image_size, question, gen
     return importance, box, *answers
 
 
-_pipeline = jax.jit(_pipeline_one, static_argnames=("model_static", "options", "max_new_tokens"))
+_STATIC = ("model_static", "options", "max_new_tokens", "reuse_question_pass")
+_pipeline = jax.jit(_pipeline_one, static_argnames=_STATIC)
 
 
-@functools.partial(jax.jit, static_argnames=("model_static", "options", "max_new_tokens"))
-def _pipeline_batch(model_static, params, *records, options: MapOptions, max_new_tokens: int):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _pipeline_batch(model_static, params, *records, options: MapOptions, max_new_tokens: int,
+                    reuse_question_pass: bool):
     """`_pipeline_one` vmapped over a batch of records (leading axis of every record array)."""
-    one = functools.partial(_pipeline_one, model_static, params, options=options, max_new_tokens=max_new_tokens)
+    one = functools.partial(_pipeline_one, model_static, params, options=options, max_new_tokens=max_new_tokens,
+                            reuse_question_pass=reuse_question_pass)
     return jax.vmap(one)(*records)
 
 
@@ -138,7 +175,8 @@ def _model_static(model: Model):
     """The hashable parts of a model that shape the compiled programs."""
     config = model.image_config
     normalization = (config.rescale_factor, tuple(config.image_mean), tuple(config.image_std))
-    return (model.module, model.kind, normalization, model.config.text.eos_token_ids)
+    prefix_length = len(prompt_inputs(model, "<image>", 1)[0]) if model.kind == "llava" else 0
+    return (model.module, model.kind, normalization, model.config.text.eos_token_ids, prefix_length)
 
 
 def _map_inputs(model: Model, image: PIL.Image.Image, question: str, options: MapOptions):
@@ -154,10 +192,22 @@ def _map_inputs(model: Model, image: PIL.Image.Image, question: str, options: Ma
     return question_arrays, general_arrays, high_pass
 
 
+@functools.partial(jax.jit, static_argnames=("model_static", "options"))
+def _prefix_map_jit(model_static, params, pixels, question, general, *, options: MapOptions):
+    module, prefix_length = model_static[0], model_static[4]
+    features = encode_images(module, params, pixels[None])[0]
+    cache = prefill_prefix(module, params, features, question.ids[:prefix_length], question.ids.shape[0])
+    return prefix_map(module, params, features, cache, prefix_length, question, general, options)[0]
+
+
 def _single_map(model: Model, image: PIL.Image.Image, question: str, options: MapOptions) -> np.ndarray:
     pixels = pixel_values(model, [image])[0]
-    inputs = _map_inputs(model, image, question, options)
-    return np.asarray(_map_jit(model.module, model.params, pixels, *inputs, options=options))
+    question_arrays, general_arrays, high_pass = _map_inputs(model, image, question, options)
+    if uses_prefix_cache(model.kind, options):
+        return np.asarray(_prefix_map_jit(_model_static(model), model.params, pixels, question_arrays,
+                                          general_arrays, options=options))
+    return np.asarray(_map_jit(model.module, model.params, pixels, question_arrays, general_arrays, high_pass,
+                               options=options))
 
 
 def _high_res_map(model: Model, image: PIL.Image.Image, question: str, options: MapOptions) -> np.ndarray:
@@ -231,6 +281,7 @@ def answer(model: Model, image: ImageLike, question: str, method: str = "rel_att
             importance, box, with_crop, original = _pipeline(
                 static, model.params, pixels, image_array, image_size, question_arrays, general_arrays,
                 high_pass, crop_prompt, original_prompt, options=opts, max_new_tokens=max_new_tokens,
+                reuse_question_pass=short_question is None,
             )
             return Answer(_decode(model, with_crop), _decode(model, original),
                           tuple(int(v) for v in np.asarray(box)), np.asarray(importance),
@@ -327,6 +378,7 @@ def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[
                                  map_questions + map_questions[-1:] * fill, opts)
         importance, box, with_crop, original = jax.device_get(_pipeline_batch(
             _model_static(model), model.params, *records, options=opts, max_new_tokens=max_new_tokens,
+            reuse_question_pass=all(s is None for s in short_questions[chunk]),
         ))
         elapsed = (time.perf_counter() - start) / count
         results.extend(

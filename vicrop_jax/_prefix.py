@@ -1,0 +1,108 @@
+"""LLaVA ViCrop without repeated work: the shared `[BOS, image]` prefix is encoded and prefilled once.
+
+Every prompt of a LLaVA question starts with the same prefix (BOS and the original image's tokens): the
+question prompt, the general prompt of rel-att, and the two-image prompt with the crop. Its KV cache is
+computed once and each prompt runs only its suffix from there: question and general suffixes as one
+batch, the original answer decoded from the question pass's cache, the crop prompt's suffix being the
+crop's image tokens and the text. Only the one attention row a map needs is read. grad-att needs no
+backward pass through the prefix: dS/dA of the last row depends on the suffix computation only.
+
+Axis letters: S cache slots, Ts suffix positions, N heads, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from vicrop_jax.decoding import decode_from
+from vicrop_jax.llama import ATTENTION_PROBS, KVCache
+from vicrop_jax.maps import MapOptions, PromptArrays, _head_mean, _score, _sown
+
+
+def prefill_prefix(module, params, features: jax.Array, prefix_ids: jax.Array, cache_length: int) -> KVCache:
+    """The prefix (ids [P0] with image tokens, features [P,D]) written into a fresh cache of S slots."""
+    embeds = module.apply({"params": params}, prefix_ids[None], features[None], method="embed")
+    cache = KVCache.zeros(module.config.text, 1, cache_length, module.dtype)
+    return module.apply({"params": params}, embeds, cache, 0, method="decode")[1]
+
+
+def suffix_pass(module, variables, cache: KVCache, prefix_length: int, suffix_ids, suffix_length, features,
+                layers=(), mutable=()):
+    """Run a suffix (ids [Ts], image tokens filled from features [P,D]) after the cached prefix.
+
+    Returns ((last-position logits [V], the cache with the suffix written), collections).
+    """
+
+    def run(m):
+        embeds = m.embed(suffix_ids[None], features[None])
+        hidden, new_cache = m.decode(embeds, cache, prefix_length, layers)
+        return m.logits(hidden[0, suffix_length - 1]), new_cache
+
+    if not mutable:
+        return module.apply(variables, method=run), {}
+    return module.apply(variables, method=run, mutable=list(mutable))
+
+
+def image_row(module, probs: jax.Array, suffix_length, prefix_length: int, heads) -> jax.Array:
+    """Head-mean attention [grid, grid] of the suffix's last position to the prefix image's patches."""
+    config = module.config
+    row = jnp.take(probs[0], suffix_length - 1, axis=1)  # [N, S]
+    start = prefix_length - config.tokens_per_image + int(config.keep_cls_feature)
+    patches = row[:, start: start + config.vision.num_patches]
+    grid = config.vision.grid_size
+    return _head_mean(patches, heads).reshape(grid, grid).astype(jnp.float32)
+
+
+def _split(prompt: PromptArrays, prefix_length: int):
+    return prompt.ids[prefix_length:], prompt.length - prefix_length
+
+
+def prefix_map(module, params, features, cache: KVCache, prefix_length: int, question: PromptArrays,
+               general: PromptArrays, options: MapOptions):
+    """rel-att or grad-att from the cached prefix -> (map, question logits [V], question cache)."""
+    variables = {"params": params}
+    ids, length = _split(question, prefix_length)
+    layers = (options.layer,)
+    if options.method == "rel_att":
+        general_ids, general_length = _split(general, prefix_length)
+
+        def one(suffix_ids, suffix_length):
+            (logits, new_cache), state = suffix_pass(module, variables, cache, prefix_length, suffix_ids,
+                                                     suffix_length, features, layers, ["intermediates"])
+            probs = _sown(state["intermediates"], ATTENTION_PROBS)
+            return image_row(module, probs, suffix_length, prefix_length, options.heads), logits, new_cache
+
+        maps, logits, caches = jax.vmap(one)(jnp.stack([ids, general_ids]), jnp.stack([length, general_length]))
+        return maps[0] / maps[1], logits[0], jax.tree_util.tree_map(lambda c: c[0], caches)
+
+    shapes = jax.eval_shape(lambda: suffix_pass(module, variables, cache, prefix_length, ids, length, features,
+                                                layers, ["perturbations"])[1]["perturbations"])
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def score(perturbations):
+        (logits, new_cache), state = suffix_pass(module, {**variables, "perturbations": perturbations}, cache,
+                                                 prefix_length, ids, length, features, layers, ["intermediates"])
+        return _score(logits), (state["intermediates"], logits, new_cache)
+
+    grads, (intermediates, logits, new_cache) = jax.grad(score, has_aux=True)(zeros)
+    clip = jax.nn.relu if options.clip_negative else (lambda g: g)
+    weighted = _sown(intermediates, ATTENTION_PROBS) * clip(_sown(grads, ATTENTION_PROBS))
+    return image_row(module, weighted, length, prefix_length, options.heads), logits, new_cache
+
+
+def prefix_answers(module, params, features, crop_features, cache: KVCache, prefix_length: int,
+                   crop_prompt: PromptArrays, original_prompt: PromptArrays, question_pass, max_new_tokens: int,
+                   eos_ids):
+    """Both answers from the cached prefix: with the crop (its tokens + text as the suffix), and without
+    (from the map's question pass when given, else from its own suffix pass)."""
+    variables = {"params": params}
+    ids, length = _split(crop_prompt, prefix_length)
+    (logits, crop_cache), _ = suffix_pass(module, variables, cache, prefix_length, ids, length, crop_features)
+    with_crop = decode_from(module, params, logits, crop_cache, crop_prompt.length, max_new_tokens, eos_ids)
+    if question_pass is None:
+        ids, length = _split(original_prompt, prefix_length)
+        question_pass, _ = suffix_pass(module, variables, cache, prefix_length, ids, length, features)
+    logits, question_cache = question_pass
+    original = decode_from(module, params, logits, question_cache, original_prompt.length, max_new_tokens, eos_ids)
+    return with_crop, original
