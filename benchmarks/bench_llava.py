@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import vicrop_jax  # noqa: E402
-from vicrop_jax._generation import encode_images, generate_ids, prompt_ids  # noqa: E402
+from vicrop_jax._generation import encode_images, prompt_ids  # noqa: E402
 from vicrop_jax.decoding import greedy_generate, pad_prompt  # noqa: E402
 from vicrop_jax.prompts import llava_prompt  # noqa: E402
 from tiny_models import llava_config, save_llava  # noqa: E402

@@ -454,3 +454,46 @@ def select_bbox_published(att_map: np.ndarray, image_size: tuple[int, int], bbox
     x2 = min(image_size[0], x_center + half)
     y2 = min(image_size[1], y_center + half)
     return int(x1), int(y1), int(x2), int(y2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole published procedure for one LLaVA question (the baseline our pipeline is timed against)
+# ----------------------------------------------------------------------------------------------
+
+LLAVA_TEMPLATE = "{images}\nUSER: {question} Answer the question using a single word or phrase.\nASSISTANT:"
+
+
+def llava_prompt_ids(model, tokenizer, question: str, num_images: int) -> torch.Tensor:
+    """The paper's prompt, each `<image>` expanded to one placeholder per visual token (as LlavaProcessor)."""
+    per_image = _grid(model.config.vision_config)[0] ** 2
+    if model.config.vision_feature_select_strategy == "full":
+        per_image += 1
+    text = LLAVA_TEMPLATE.format(images="<image>" * num_images, question=question)
+    return torch.tensor([tokenizer(text.replace("<image>", "<image>" * per_image))["input_ids"]])
+
+
+def _generate(model, input_ids, pixel_values, max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=max_new_tokens,
+                             do_sample=False)
+    return out[0, input_ids.shape[1]:].tolist()
+
+
+def vicrop_llava(model, tokenizer, image_processor, image: PIL.Image.Image, question: str, method: str, *,
+                 layer: int = 14, max_new_tokens: int = 20,
+                 general_question: str = "Write a general description of the image.") -> dict:
+    """The published per-question procedure: answer without crop, map (one or two more forwards with all
+    attentions), box, PIL crop, processor, answer with both images. Returns tokens, box and map."""
+    pixels = image_processor(image, return_tensors="pt")["pixel_values"]
+    ids = llava_prompt_ids(model, tokenizer, question, 1)
+    original = _generate(model, ids, pixels, max_new_tokens)
+    if method == "none":
+        return {"original": original, "crop": original, "bbox": None, "map": None}
+    general = llava_prompt_ids(model, tokenizer, general_question, 1)
+    size = model.config.vision_config.image_size
+    high_pass = high_pass_mask(image, size) if method == "pure_grad" else None
+    att_map = llava_maps(model, ids, general, pixels, method=method, layer=layer, high_pass=high_pass)
+    bbox = select_bbox_published(att_map, image.size, size)
+    both = image_processor([image, image.crop(bbox)], return_tensors="pt")["pixel_values"]
+    crop = _generate(model, llava_prompt_ids(model, tokenizer, question, 2), both, max_new_tokens)
+    return {"original": original, "crop": crop, "bbox": bbox, "map": att_map}

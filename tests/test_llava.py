@@ -11,7 +11,7 @@ from PIL import Image
 
 import vicrop_jax
 from vicrop_jax._generation import generate_ids, pixel_values, prompt_ids
-from vicrop_jax.llama import ATTENTION_PROBS, KVCache
+from vicrop_jax.llama import KVCache
 from vicrop_jax.prompts import llava_prompt
 from tiny_models import IMAGE_TOKEN_ID, llava_config, make_tokenizer, save_llava
 

@@ -366,24 +366,36 @@ def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[
     opts = map_options(model, method, **options)
     results: list[Answer] = []
     for begin in range(0, len(questions), batch_size):
-        start = time.perf_counter()
         chunk = slice(begin, begin + batch_size)
-        chunk_images = [load_image(image) for image in images[chunk]]
-        chunk_questions = list(questions[chunk])
-        count = len(chunk_questions)
-        map_questions = [s or q for s, q in zip(short_questions[chunk], chunk_questions)]
-        fill = batch_size - count
-        records = _batch_records(model, chunk_images + chunk_images[-1:] * fill,
-                                 chunk_questions + chunk_questions[-1:] * fill,
-                                 map_questions + map_questions[-1:] * fill, opts)
-        importance, box, with_crop, original = jax.device_get(_pipeline_batch(
-            _model_static(model), model.params, *records, options=opts, max_new_tokens=max_new_tokens,
-            reuse_question_pass=all(s is None for s in short_questions[chunk]),
-        ))
-        elapsed = (time.perf_counter() - start) / count
-        results.extend(
-            Answer(_decode(model, with_crop[i]), _decode(model, original[i]), tuple(int(v) for v in box[i]),
-                   importance[i], {"total": elapsed})
-            for i in range(count)
-        )
+        map_questions = [s or q for s, q in zip(short_questions[chunk], questions[chunk])]
+        results.extend(run_padded_batch(model, [load_image(image) for image in images[chunk]],
+                                        list(questions[chunk]), map_questions, opts, max_new_tokens, batch_size))
     return results
+
+
+def run_padded_batch(model: Model, images: list[PIL.Image.Image], questions: list[str], map_questions: list[str],
+                     options: MapOptions, max_new_tokens: int, batch_size: int,
+                     mesh: jax.sharding.Mesh | None = None) -> list[Answer]:
+    """One vmapped pipeline call for up to `batch_size` records, padded by repeating the last one.
+
+    With a mesh (axis "data"), the batch is split over its devices and the parameters replicated.
+    """
+    start = time.perf_counter()
+    count, fill = len(questions), batch_size - len(questions)
+    records = _batch_records(model, images + images[-1:] * fill, questions + questions[-1:] * fill,
+                             map_questions + map_questions[-1:] * fill, options)
+    params = model.params
+    if mesh is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params = jax.device_put(params, replicated)
+        records = jax.device_put(records, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    importance, box, with_crop, original = jax.device_get(_pipeline_batch(
+        _model_static(model), params, *records, options=options, max_new_tokens=max_new_tokens,
+        reuse_question_pass=map_questions == questions,
+    ))
+    elapsed = (time.perf_counter() - start) / count
+    return [
+        Answer(_decode(model, with_crop[i]), _decode(model, original[i]), tuple(int(v) for v in box[i]),
+               importance[i], {"total": elapsed})
+        for i in range(count)
+    ]

@@ -1,8 +1,9 @@
-"""Command line: `vicrop-jax demo` and `vicrop-jax convert`."""
+"""Command line: `vicrop-jax demo`, `vicrop-jax convert`, `vicrop-jax eval` and `vicrop-jax score`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -74,6 +75,56 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    from vicrop_jax.evaluation.runner import EvalSettings, evaluate
+
+    names = [field.name for field in dataclasses.fields(EvalSettings)]
+    return evaluate(EvalSettings(**{name: getattr(args, name) for name in names}))
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from vicrop_jax.evaluation.scoring import score
+
+    return score(args.results, args.format)
+
+
+def add_eval_parser(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a benchmark (batched, resumable, data-parallel)",
+        description="Answer every record of a benchmark with ViCrop and append one JSONL line per record. "
+        "Rerunning the same command resumes. Exit status: 0 all answered, 1 some records failed, 2 bad input.",
+    )
+    evaluate.add_argument("--data", type=Path, required=True, help="JSON list, JSONL, or the TextVQA json")
+    evaluate.add_argument("--images", type=Path, required=True, help="folder the records' image paths are in")
+    evaluate.add_argument("--model", required=True, help="checkpoint folder or cached repo id")
+    evaluate.add_argument("--method", default="rel_att",
+                          choices=("rel_att", "grad_att", "pure_grad", "none", "gt", "random", "center"))
+    evaluate.add_argument("--out", type=Path, required=True, help="results JSONL (appended; resumed)")
+    evaluate.add_argument("--metric", default="vqa", choices=("vqa", "gqa", "mc", "pope"))
+    evaluate.add_argument("--batch-size", type=int, default=8, help="rounded up to a multiple of the devices")
+    evaluate.add_argument("--dataset-format", default="auto", choices=("auto", "records", "textvqa"))
+    evaluate.add_argument("--dataset-name", help="dataset column of the tables (default: from the data file)")
+    evaluate.add_argument("--high-res", action="store_true", help="tile images above 1024 px for the map")
+    evaluate.add_argument("--limit", type=int, help="only the first N records")
+    evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    evaluate.add_argument("--max-new-tokens", type=int, default=20)
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the random baseline (plus record index)")
+    evaluate.add_argument("--layer", type=int, help="LM layer of the map (default: the paper's)")
+    evaluate.add_argument("--qformer-layer", type=int, default=2, help="InstructBLIP cross-attention layer")
+    evaluate.add_argument("--process-index", type=int, help="this process's share: records i %% count == index")
+    evaluate.add_argument("--process-count", type=int, help="number of processes sharing the run")
+    evaluate.add_argument("--distributed", action="store_true",
+                          help="call jax.distributed.initialize() to take the process index and count from it")
+    evaluate.set_defaults(run=run_eval)
+
+
+def add_score_parser(commands) -> None:
+    score = commands.add_parser("score", help="tables of accuracy from eval result files (merged)")
+    score.add_argument("results", nargs="+", help="result JSONL files (or a multi-process run's --out name)")
+    score.add_argument("--format", choices=("text", "markdown", "csv"), default="text")
+    score.set_defaults(run=run_score)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vicrop-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-mb", type=float, help="shard HF output above this size")
     convert.add_argument("--allow-pickle", action="store_true", help="read pytorch_model*.bin (runs torch.load)")
     convert.set_defaults(run=run_convert)
+    add_eval_parser(commands)
+    add_score_parser(commands)
     return parser
 
 

@@ -1,0 +1,186 @@
+"""Seconds per question, ours vs the published procedure in PyTorch; map peak memory; batched throughput.
+
+    python benchmarks/bench_vicrop.py [--configs demo medium] [--questions 3] [--batches 1 8 32]
+
+- `demo`: the demo's tiny random LLaVA (the trained embedded model is not shipped yet);
+- `medium`: the LLaVA-1.5 shape family (CLIP ViT at 336 px, 576 image tokens, LLaMA decoder, 32k vocabulary)
+  scaled so that one forward takes about a second on a 2-core CPU.
+The reference is `torch_reference.vicrop_llava` (transformers eager attention, `output_attentions=True`,
+`torch.autograd`), ours is `vicrop_jax.answer` (one compiled program per method, prefix-cached LLaVA maps).
+Peak memory of a map is measured in a fresh subprocess: after a warm-up, freed memory is returned to the
+system (malloc_trim) and VmHWM reset, then one map is computed; the figure is the peak RSS growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
+
+METHODS = ("rel_att", "grad_att", "pure_grad")
+MEDIUM = dict(image_size=336, vision_width=256, vision_layers=6, width=768, text_layers=8, num_heads=12,
+              num_kv_heads=12, vocab_size=32000)
+QUESTIONS = ["What is the color of the small shape ?", "What is the letter on the left ?",
+             "how many red shapes are there ?", "What digit is on the top right ?"]
+
+
+def write_checkpoint(name: str, folder: Path) -> None:
+    if name == "demo":
+        from vicrop_jax._demo import write_tiny_random_llava
+
+        write_tiny_random_llava(folder)
+    else:
+        from tiny_models import llava_config, save_llava
+
+        save_llava(folder, llava_config(**MEDIUM))
+
+
+def scenes(count: int) -> list:
+    from vicrop_jax.cli import demo_image
+
+    return [demo_image(640, seed=i).crop((0, 0, 640, 480)) for i in range(count)]
+
+
+def load_reference(folder: Path):
+    import torch
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+    torch.set_num_threads(2)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    return model, PreTrainedTokenizerFast.from_pretrained(folder), CLIPImageProcessor.from_pretrained(folder)
+
+
+def per_question(fn, images, questions) -> float:
+    fn(images[0], questions[0])  # warm-up (compilation for JAX, allocator for torch)
+    start = time.perf_counter()
+    for image, question in zip(images, questions):
+        fn(image, question)
+    return (time.perf_counter() - start) / len(images)
+
+
+def timings(folder: Path, count: int) -> dict:
+    import torch_reference
+    import vicrop_jax
+
+    images, questions = scenes(count), (QUESTIONS * count)[:count]
+    model = vicrop_jax.load(folder)
+    layer = min(14, model.config.text.num_layers // 2)
+    ours = {m: per_question(lambda i, q: vicrop_jax.answer(model, i, q, m, layer=layer), images, questions)
+            for m in ("none",) + METHODS}
+    reference = load_reference(folder)
+    theirs = {m: per_question(lambda i, q: torch_reference.vicrop_llava(*reference, i, q, m, layer=layer),
+                              images, questions) for m in ("none",) + METHODS}
+    return {"ours": ours, "reference": theirs}
+
+
+def throughput(folder: Path, batches: list[int]) -> dict:
+    import vicrop_jax
+
+    model = vicrop_jax.load(folder)
+    layer = min(14, model.config.text.num_layers // 2)
+    out = {}
+    for batch in batches:
+        count = max(batch, 8)
+        images, questions = scenes(count), (QUESTIONS * count)[:count]
+        vicrop_jax.answer_batch(model, images[:batch], questions[:batch], "rel_att", batch_size=batch, layer=layer)
+        start = time.perf_counter()
+        vicrop_jax.answer_batch(model, images, questions, "rel_att", batch_size=batch, layer=layer)
+        out[batch] = count / (time.perf_counter() - start)
+    return out
+
+
+def _high_water_kib() -> tuple[int, int]:
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmHWM"].split()[0]), int(status["VmRSS"].split()[0])
+
+
+def memory_probe(framework: str, folder: str, method: str) -> None:
+    """Runs in a subprocess: peak RSS growth (MiB) of one map computation after a warm-up."""
+    image, question = scenes(1)[0], QUESTIONS[0]
+    if framework == "ours":
+        import vicrop_jax
+
+        model = vicrop_jax.load(folder)
+        layer = min(14, model.config.text.num_layers // 2)
+        run = lambda: vicrop_jax.importance_map(model, image, question, method, layer=layer)  # noqa: E731
+    else:
+        import torch_reference
+        from vicrop_jax.prompts import GENERAL_QUESTION
+
+        model, tokenizer, processor = load_reference(Path(folder))
+        layer = min(14, model.config.text_config.num_hidden_layers // 2)
+        pixels = processor(image, return_tensors="pt")["pixel_values"]
+        ids = torch_reference.llava_prompt_ids(model, tokenizer, question, 1)
+        general = torch_reference.llava_prompt_ids(model, tokenizer, GENERAL_QUESTION, 1)
+        mask = torch_reference.high_pass_mask(image, model.config.vision_config.image_size)
+        run = lambda: torch_reference.llava_maps(model, ids, general, pixels, method=method, layer=layer,  # noqa
+                                                 high_pass=mask)
+    run()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand memory freed by the warm-up back, so reuse shows as growth
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    _, before = _high_water_kib()
+    run()
+    peak, _ = _high_water_kib()
+    print(json.dumps({"peak_mib": (peak - before) / 1024}))
+
+
+def peak_memory(folder: Path, method: str) -> dict:
+    out = {}
+    for framework in ("ours", "reference"):
+        result = subprocess.run([sys.executable, __file__, "--memory-probe", framework, str(folder), method],
+                                capture_output=True, text=True, check=True)
+        out[framework] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", nargs="+", default=["demo", "medium"], choices=["demo", "medium"])
+    parser.add_argument("--questions", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--memory-probe", nargs=3, metavar=("FRAMEWORK", "FOLDER", "METHOD"))
+    args = parser.parse_args()
+    if args.memory_probe:
+        memory_probe(*args.memory_probe)
+        return
+    import jax
+    import torch
+
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}")
+    for name in args.configs:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            write_checkpoint(name, folder)
+            times = timings(folder, args.questions)
+            memory = {m: peak_memory(folder, m) for m in METHODS}
+            rates = throughput(folder, args.batches)
+        print(f"\n### {name}: seconds per question ({args.questions} questions, after warm-up)\n")
+        print("| method | vicrop_jax | PyTorch reference | speed-up | ours / our plain answer |")
+        print("| --- | --- | --- | --- | --- |")
+        for method in ("none",) + METHODS:
+            ours, theirs = times["ours"][method], times["reference"][method]
+            print(f"| {method} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.1f}x | "
+                  f"{ours / times['ours']['none']:.2f}x |")
+        print("\n| map | peak memory, vicrop_jax | peak memory, reference | ratio |")
+        print("| --- | --- | --- | --- |")
+        for method in METHODS:
+            ours, theirs = memory[method]["ours"], memory[method]["reference"]
+            print(f"| {method} | {ours:.0f} MiB | {theirs:.0f} MiB | {ours / max(theirs, 1e-9):.2f} |")
+        print("\n| rel_att batch size | questions / s | vs batch 1 |")
+        print("| --- | --- | --- |")
+        for batch, rate in rates.items():
+            print(f"| {batch} | {rate:.2f} | {rate / rates[args.batches[0]]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""`vicrop-jax eval` and `score` end to end on a tiny random LLaVA: a run killed with SIGKILL resumes to
+the results of an uninterrupted one, 8 simulated devices give the results of one, bad inputs fail alone,
+processes split the records and `score` merges their files."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import vicrop_jax
+from vicrop_jax.cli import main
+from vicrop_jax.evaluation.datasets import Record
+from vicrop_jax.evaluation.progress import progress_line
+from vicrop_jax.evaluation.runner import Prepared, answer_or_error
+from vicrop_jax.evaluation.scoring import score
+from tiny_models import llava_config, save_llava
+
+QUESTION = "What is the color of the small shape ?"
+RECORDS = 12
+COMPARED = ("question", "labels", "original_answer", "crop_answer", "bbox", "original_correct", "crop_correct",
+            "area_fraction", "error")
+POSITIONS = 512  # the tiny model's max_position_embeddings: a 5,000-character question does not fit
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("llava")
+    config = llava_config(image_size=56, text_layers=3)
+    config.text_config.max_position_embeddings = POSITIONS
+    save_llava(folder, config)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory) -> tuple[Path, Path]:
+    """12 photos of 2000x1500 noise: decoding and cropping them makes a batch slow enough to kill mid-run."""
+    folder = tmp_path_factory.mktemp("bench")
+    (folder / "images").mkdir()
+    records = []
+    for i in range(RECORDS):
+        pixels = np.random.RandomState(i).randint(0, 255, (1500, 2000, 3), np.uint8)
+        Image.fromarray(pixels).save(folder / "images" / f"{i}.jpg", quality=90)
+        records.append({"id": f"q{i}", "question": QUESTION, "labels": ["red"] * 10, "image_path": f"{i}.jpg",
+                        "bbox": [100, 100, 100 + 40 * (i + 1), 300]})
+    (folder / "bench.json").write_text(json.dumps(records))
+    return folder / "bench.json", folder / "images"
+
+
+def eval_args(checkpoint: Path, data: Path, images: Path, out: Path, *extra: str) -> list[str]:
+    return ["eval", "--data", str(data), "--images", str(images), "--model", str(checkpoint),
+            "--method", "rel_att", "--batch-size", "2", "--out", str(out), *extra]
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def by_id(lines: list[dict]) -> dict:
+    return {line["id"]: {key: line.get(key) for key in COMPARED} for line in lines}
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, benchmark, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("reference") / "results.jsonl"
+    assert main(eval_args(checkpoint, *benchmark, out)) == 0
+    lines = read_lines(out)
+    assert [line["id"] for line in lines] == [f"q{i}" for i in range(RECORDS)]
+    return lines
+
+
+def test_result_lines_hold_the_spec_fields(reference):
+    line = reference[3]
+    assert line["dataset"] == "bench" and line["method"] == "rel_att" and line["metric"] == "vqa"
+    assert line["error"] is None and isinstance(line["crop_answer"], str) and len(line["bbox"]) == 4
+    assert line["original_correct"] in (0.0, 0.3, 0.6, 0.9, 1.0) and line["timing"]["total"] > 0
+    assert line["area_fraction"] == pytest.approx(160 * 200 / (2000 * 1500))
+
+
+def test_the_runner_answers_as_answer_batch_does(checkpoint, benchmark, reference):
+    data, images = benchmark
+    model = vicrop_jax.load(checkpoint)
+    answers = vicrop_jax.answer_batch(model, [images / f"{i}.jpg" for i in range(4)], [QUESTION] * 4, "rel_att",
+                                      batch_size=2)
+    assert [(a.original_answer, a.answer, list(a.bbox)) for a in answers] == [
+        (line["original_answer"], line["crop_answer"], line["bbox"]) for line in reference[:4]]
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_results(checkpoint, benchmark, reference, tmp_path):
+    out = tmp_path / "results.jsonl"
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "wb") as errors:
+        process = subprocess.Popen([sys.executable, "-m", "vicrop_jax.cli", *eval_args(checkpoint, *benchmark, out)],
+                                   stdout=subprocess.DEVNULL, stderr=errors)
+    deadline = time.monotonic() + 240
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 1):
+        assert process.poll() is None, stderr.read_text()
+        assert time.monotonic() < deadline, "the run wrote no result in time"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = out.read_bytes().count(b"\n")
+    assert 1 <= written < RECORDS, "the kill came too late to interrupt the run"
+    with open(out, "ab") as results:  # as if the kill had landed in the middle of a write
+        results.write(b'{"id": "q11", "question": "What is')
+    assert main(eval_args(checkpoint, *benchmark, out)) == 0
+    lines = read_lines(out)
+    assert len(lines) == RECORDS and len({line["id"] for line in lines}) == RECORDS
+    assert by_id(lines) == by_id(reference)
+    assert main(eval_args(checkpoint, *benchmark, out)) == 0  # nothing left to do: nothing appended
+    assert len(read_lines(out)) == RECORDS
+
+
+def test_eight_devices_give_the_results_of_one(checkpoint, benchmark, reference, tmp_path):
+    out = tmp_path / "results.jsonl"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    done = subprocess.run([sys.executable, "-m", "vicrop_jax.cli", *eval_args(checkpoint, *benchmark, out),
+                           "--limit", "8"], env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr
+    assert "batch size 2 -> 8: a multiple of the 8 local devices" in done.stderr
+    assert by_id(read_lines(out)) == by_id(reference[:8])
+
+
+def bad_inputs(folder: Path) -> Path:
+    """One record per way an input can be bad, plus good ones; the JSON holds a byte that is not UTF-8."""
+    images = folder / "images"
+    images.mkdir()
+    noise = lambda h, w, seed=0: np.random.RandomState(seed).randint(0, 255, (h, w, 3), np.uint8)
+    Image.fromarray(noise(90, 120)).save(images / "good.png")
+    (images / "empty.jpg").write_bytes(b"")
+    Image.fromarray(noise(300, 400)).save(images / "full.jpg")
+    (images / "truncated.jpg").write_bytes((images / "full.jpg").read_bytes()[:2000])
+    Image.fromarray(noise(1, 1)).save(images / "tiny.png")
+    Image.fromarray(noise(50, 10000)).save(images / "wide.png")
+    Image.fromarray(np.random.RandomState(1).randint(0, 65535, (80, 100), np.uint16)).save(images / "deep.png")
+    Image.fromarray(noise(80, 100)).convert("CMYK").save(images / "cmyk.jpg")
+    assert Image.open(images / "deep.png").mode.startswith("I") and Image.open(images / "cmyk.jpg").mode == "CMYK"
+    cases = [("missing", QUESTION, "missing.jpg"), ("zero_bytes", QUESTION, "empty.jpg"),
+             ("truncated", QUESTION, "truncated.jpg"), ("one_pixel", QUESTION, "tiny.png"),
+             ("wide", QUESTION, "wide.png"), ("sixteen_bit", QUESTION, "deep.png"),
+             ("cmyk", QUESTION, "cmyk.jpg"), ("empty_question", "  ", "good.png"),
+             ("long_question", ("red " * 1250).strip(), "good.png"), ("not_utf8", "What is NOTUTF8 ?", "good.png"),
+             ("good", QUESTION, "good.png")]
+    records = [{"id": name, "question": q, "labels": "red", "image_path": path} for name, q, path in cases]
+    data = folder / "bad.json"
+    data.write_bytes(json.dumps(records).encode().replace(b"NOTUTF8", b"\xff"))
+    return data
+
+
+def test_bad_inputs_fail_alone_and_the_exit_status_says_so(checkpoint, tmp_path, capsys):
+    data = bad_inputs(tmp_path)
+    out = tmp_path / "results.jsonl"
+    with pytest.warns(UserWarning, match="not UTF-8"):
+        status = main(eval_args(checkpoint, data, tmp_path / "images", out, "--metric", "gqa"))
+    assert status == 1
+    lines = {line["id"]: line for line in read_lines(out)}
+    assert len(lines) == 11
+    errors = {name: line["error"] for name, line in lines.items() if line["error"] is not None}
+    assert set(errors) == {"missing", "zero_bytes", "truncated", "empty_question", "long_question"}
+    assert errors["missing"].startswith("image not found:") and "missing.jpg" in errors["missing"]
+    assert "empty.jpg" in errors["zero_bytes"] and "truncated.jpg" in errors["truncated"]
+    assert errors["empty_question"] == "empty question"
+    assert re.fullmatch(rf"question too long: \d+ tokens, model allows {POSITIONS} .*", errors["long_question"])
+    for name in ("one_pixel", "wide", "sixteen_bit", "cmyk", "not_utf8", "good"):
+        assert isinstance(lines[name]["crop_answer"], str) and lines[name]["crop_correct"] in (0.0, 1.0)
+    assert lines["not_utf8"]["question"] == "What is \ufffd ?"
+    summary = capsys.readouterr().out
+    assert "11 records" in summary and "5 failed" in summary and "failed id 'missing': image not found" in summary
+
+
+def test_a_raising_batch_is_retried_record_by_record():
+    prepared = [Prepared(i, Record(name, "q", ("a",), "x.jpg")) for i, name in enumerate(["ok", "bad", "fine"])]
+
+    def answer_fn(batch):
+        if any(p.record.id == "bad" for p in batch):
+            raise RuntimeError("device failure")
+        return [f"answer {p.record.id}" for p in batch]
+
+    assert answer_or_error(answer_fn, prepared) == ["answer ok", "RuntimeError: device failure", "answer fine"]
+
+
+def test_usage_and_input_errors_exit_with_2(checkpoint, benchmark, tmp_path, capsys):
+    data, images = benchmark
+    assert main(eval_args(checkpoint, tmp_path / "none.json", images, tmp_path / "r.jsonl")) == 2
+    assert main(eval_args(checkpoint, data, tmp_path / "no_images", tmp_path / "r.jsonl")) == 2
+    assert main(eval_args(checkpoint, data, images, tmp_path / "r.jsonl", "--process-index", "1")) == 2
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "q0", "method": "grad_att", "model": str(checkpoint), "metric": "vqa"}) + "\n")
+    assert main(eval_args(checkpoint, data, images, other)) == 2
+    errors = capsys.readouterr().err
+    assert "none.json not found" in errors and "no_images not found" in errors
+    assert "pass both --process-index and --process-count" in errors
+    assert "resuming needs the same --method, --model and --metric" in errors
+
+
+def test_processes_split_the_records_and_score_merges_their_files(checkpoint, benchmark, reference, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "results.jsonl"
+    for index in (0, 1):
+        assert main(eval_args(checkpoint, *benchmark, out, "--limit", "6", "--process-index", str(index),
+                              "--process-count", "2")) == 0
+    parts = [read_lines(tmp_path / f"results.process{i}-of-2.jsonl") for i in (0, 1)]
+    assert [line["id"] for line in parts[0]] == ["q0", "q2", "q4"]
+    assert [line["id"] for line in parts[1]] == ["q1", "q3", "q5"]
+    assert by_id(parts[0] + parts[1]) == by_id(reference[:6])
+    capsys.readouterr()
+    assert main(["score", str(out), "--format", "csv"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "model,method,bench"
+    crop = 100 * np.mean([line["crop_correct"] for line in reference[:6]])
+    assert table[1].startswith(f"{checkpoint.name},no crop,") and table[2] == f"{checkpoint.name},rel_att,{crop:.2f}"
+
+
+def result(model, method, dataset, id_, original, crop, area=None, error=None) -> dict:
+    line = {"id": id_, "dataset": dataset, "method": method, "model": model, "original_correct": original,
+            "crop_correct": crop, "error": error}
+    return line if area is None else {**line, "area_fraction": area}
+
+
+def test_score_tables_merge_files_and_split_by_size(tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "textvqa.process1-of-2.jsonl"
+    lines = [result("org/llava", "rel_att", "vstar", f"v{i}", int(i >= 3), 1, area=a)
+             for i, a in enumerate([0.001, 0.002, 0.01, 0.02, 0.1, 0.2])]
+    lines += [result("org/llava", "grad_att", "vstar", "v0", 0, 0, area=0.001)]
+    first.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    second.write_text("".join(json.dumps({**line, "dataset": None}) + "\n" for line in [
+        result("org/llava", "rel_att", "", "t0", 0.3, 0.6), result("org/llava", "rel_att", "", "t1", 0.0, 1.0),
+        result("org/llava", "rel_att", "", "t1", 0.0, 0.0), result("org/llava", "rel_att", "", "t2", None, None,
+                                                                    error="image not found: x.jpg"),
+    ]) + '{"id": "t3", "partial')
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert score([first, second], "markdown", stdout, stderr) == 0
+    text = stdout.getvalue()
+    assert "| model | method | vstar | textvqa |" in text
+    assert "| llava | no crop | 50.00 | 15.00 |" in text
+    assert "| llava | rel_att | 100.00 | 80.00 |" in text
+    assert "| llava | grad_att | 0.00 | - |" in text
+    assert "small (n=2)" in text and "medium (n=2)" in text and "tercile 1 <0.01 (n=2)" in text
+    assert "| llava | no crop | 0.00 | 50.00 | 100.00 | 0.00 | 50.00 | 100.00 |" in text
+    assert "note: 1 failed record(s) left out: llava rel_att textvqa" in text
+    assert "note: llava grad_att vstar covers 1 of 6 records" in text
+    assert "note: 1 duplicate line(s) dropped" in text
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text(json.dumps({"id": 1, "answer": "x"}) + "\n")
+    with pytest.raises(ValueError, match="line 1 is not an eval result: it has no model, method, original_correct"):
+        score([foreign])
+
+
+def test_progress_line():
+    assert progress_line("eval", 30, 120, 3, 2.0) == (
+        "eval 30/120 [######..................]  25%  2.00 rec/s  ETA 0:00:45  3 failed")
+    assert progress_line("eval", 0, 10, 0, None) == "eval 0/10 [........................]   0%"

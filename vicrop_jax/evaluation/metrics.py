@@ -1,0 +1,174 @@
+"""Per-answer scores of SPEC section 6, as the paper's scoring script computes them, and the size bands.
+
+Every score is a float in [0, 1] for one prediction; a benchmark's accuracy is their mean. Where the
+published scoring departs from the official benchmark evaluation, the docstring says how.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import string
+from typing import Sequence
+
+METRICS = ("vqa", "gqa", "mc", "pope")
+
+# The official VQA eval's tables (github.com/GT-Vision-Lab/VQA, vqaEval.py). Its capitalised contraction
+# keys ("Im", "Ive", "Id've", "I'dve") are left out: they are looked up after lowercasing, so never match.
+NUMBER_WORDS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+    "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+ARTICLES = frozenset({"a", "an", "the"})
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
+    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+# The official pattern reads "(?!<=\d)": a typo for a look-behind that makes it "a period not followed by a
+# digit" (so "5." loses its period and "3.5" keeps it). Kept as is, because scores must match the official ones.
+_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")
+
+SIZE_BANDS = (("small", 0.005), ("medium", 0.05), ("large", math.inf))
+TERCILES = ("tercile 1", "tercile 2", "tercile 3")
+
+
+def _strip_punctuation(text: str) -> str:
+    """The official rule: a mark touching a space, or any mark in a text with a digit comma ("1,000"), is
+    deleted; otherwise it becomes a space ("y,es" -> "y es"). Then periods not followed by a digit go."""
+    delete = _DIGIT_COMMA.search(text) is not None
+    out = text
+    for mark in PUNCTUATION:
+        glue = "" if delete or mark + " " in text or " " + mark in text else " "
+        out = out.replace(mark, glue)
+    return _PERIOD.sub("", out)
+
+
+def _digits_articles_contractions(text: str) -> str:
+    words = [NUMBER_WORDS.get(word, word) for word in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
+
+
+def normalize_answer(text: str) -> str:
+    """The official VQA answer normalisation: punctuation, lower case, number words to digits, articles
+    removed, contractions fixed ("dont" -> "don't"), whitespace collapsed."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return _digits_articles_contractions(_strip_punctuation(text))
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], *, leave_one_out: bool = False) -> float:
+    """VQA accuracy of one prediction against the human answers (usually 10).
+
+    Default (SPEC, and the paper's scoring script): min(1, 0.3 * #answers equal to the prediction after
+    normalisation). The official VQA eval instead averages min(1, #matches among the other answers / 3)
+    over the leave-one-out subsets (`leave_one_out=True`); for 10 answers the two are identical (0, 0.3,
+    0.6, 0.9, 1), for other list lengths they differ. Both normalise the human answers fully; the official
+    eval only strips their punctuation, because its annotation files are normalised already.
+    """
+    predicted = normalize_answer(prediction)
+    hits = [normalize_answer(answer) == predicted for answer in answers]
+    if not leave_one_out:
+        return min(10, 3 * sum(hits)) / 10
+    return sum(min(1.0, (sum(hits) - hit) / 3) for hit in hits) / max(1, len(hits))
+
+
+def gqa_accuracy(prediction: str, labels: Sequence[str]) -> float:
+    """1 if a normalised label is a substring of the normalised prediction (the paper's GQA scoring).
+
+    Substring, not word, containment is paper-exact; note that it lets the label "no" match "not".
+    """
+    predicted = normalize_answer(prediction)
+    return float(any(normalize_answer(label) in predicted for label in labels))
+
+
+def choose_option(prediction: str, options: Sequence[str]) -> int:
+    """Index of the option most similar to the prediction (difflib ratio on the raw strings, first on ties),
+    as the paper's scoring matches free answers to choices."""
+    ratios = [difflib.SequenceMatcher(None, prediction, option).ratio() for option in options]
+    return ratios.index(max(ratios))
+
+
+def question_options(question: str) -> tuple[str, ...]:
+    """The choices of a V*-style question: the lines between the first (question) and the last
+    (instruction), as the paper's scoring reads them."""
+    return tuple(question.split("\n")[1:-1])
+
+
+def multiple_choice_accuracy(prediction: str, options: Sequence[str], labels: Sequence[str]) -> float:
+    """1 if the option closest to the prediction is the label: given as the option's text, or its letter
+    (A for the first option, also written "(A)" or "A.")."""
+    chosen = choose_option(prediction, options)
+    letter = string.ascii_uppercase[chosen] if chosen < len(string.ascii_uppercase) else None
+    text = normalize_answer(options[chosen])
+    return float(any(
+        label.strip().strip("().").upper() == letter or normalize_answer(label) == text for label in labels
+    ))
+
+
+def pope_accuracy(prediction: str, labels: Sequence[str]) -> float:
+    """1 if the prediction, matched to "yes" or "no" by string similarity (the paper's POPE scoring), is the
+    label. (POPE's own script instead answers "no" when "no"/"not" is a word of the first sentence.)"""
+    chosen = ("yes", "no")[choose_option(prediction, ("yes", "no"))]
+    return float(labels[0].strip().lower() == chosen)
+
+
+def score_answer(metric: str, prediction: str, labels: Sequence[str], options: Sequence[str] = ()) -> float:
+    """The score of one prediction under `metric` (one of METRICS)."""
+    if metric == "vqa":
+        return vqa_accuracy(prediction, labels)
+    if metric == "gqa":
+        return gqa_accuracy(prediction, labels)
+    if metric == "mc":
+        return multiple_choice_accuracy(prediction, options, labels)
+    if metric == "pope":
+        return pope_accuracy(prediction, labels)
+    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+def area_fraction(bbox: Sequence[float], image_size: tuple[int, int]) -> float:
+    """Ground-truth box area over image area (W, H): the paper's measure of how small the answer is."""
+    x1, y1, x2, y2 = bbox
+    return (x2 - x1) * (y2 - y1) / (image_size[0] * image_size[1])
+
+
+def size_band(fraction: float) -> str:
+    """The paper's partition: small < 0.005 <= medium < 0.05 <= large."""
+    return next(name for name, upper in SIZE_BANDS if fraction < upper)
+
+
+def tercile_edges(fractions: Sequence[float]) -> tuple[float, float]:
+    """Area fractions at 1/3 and 2/3 of the sorted values: equal-count bands for data that does not
+    spread over the paper's bands (synthetic sets)."""
+    ordered = sorted(fractions)
+    return ordered[len(ordered) // 3], ordered[2 * len(ordered) // 3]
+
+
+def tercile(fraction: float, edges: tuple[float, float]) -> str:
+    return TERCILES[0] if fraction < edges[0] else TERCILES[1] if fraction < edges[1] else TERCILES[2]

@@ -1,0 +1,296 @@
+"""`vicrop-jax eval`: one benchmark, one model, one method -> a JSONL file of per-record results.
+
+    vicrop-jax eval --data textvqa_val.json --images train_images/ --model llava-hf/llava-1.5-7b-hf \\
+        --method rel_att --batch-size 16 --metric vqa --out results/llava-textvqa-rel_att.jsonl
+
+Batched: map methods run `answer_batch`'s vmapped program (`_vicrop._pipeline_batch`), one compile per
+image-size and prompt-length bucket; baselines and `--high-res` go record by record (`answer`).
+
+Resumable: a result line is appended per record, and each batch is flushed and fsync'd. Rerunning the
+same command skips the ids already in the file (failed ones included: delete their lines to retry), and
+a partial last line left by a killed run is cut off first, so a kill loses at most the batch in flight
+and never duplicates a record. The file must hold the same method, model and metric.
+
+Failures stay per record: an empty or too long question, or a missing or unreadable image, is found on
+the host before batching and gets an `error`; if a batch still raises, its records are retried one by one,
+so only the bad one gets the error. Exit status: 0 all answered, 1 some records failed, 2 bad usage/input.
+
+Several GPUs on one host: nothing to do. With N local devices, the batch is rounded up to a multiple of
+N and every batch array is placed with `NamedSharding(Mesh(local devices, ("data",)), P("data"))`, the
+parameters replicated: each device runs the same program on its slice of the batch.
+
+Several hosts (or several processes on one host, e.g. one per GPU via CUDA_VISIBLE_DEVICES): each process
+takes the records i with i % count == index and writes `<out stem>.process{index}-of-{count}.jsonl`; the
+processes never talk to each other, so a slow or failed one can be rerun (resumed) on its own.
+
+    # explicit, e.g. two hosts:
+    host0$ vicrop-jax eval ... --out r.jsonl --process-index 0 --process-count 2
+    host1$ vicrop-jax eval ... --out r.jsonl --process-index 1 --process-count 2
+    # or from the cluster environment (SLURM, Open MPI, TPU pods) through jax.distributed.initialize():
+    $ srun --nodes 4 --ntasks-per-node 1 vicrop-jax eval ... --out r.jsonl --distributed
+    # then, anywhere the files are visible:
+    $ vicrop-jax score r.jsonl        # finds and merges r.process*-of-*.jsonl
+
+The device mesh spans the local devices only (`jax.local_devices()`, not `jax.devices()`): a mesh over
+all hosts' devices would make every process run every batch in lockstep, but processes hold different
+records and finish their batches at different times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+import PIL.Image
+from jax.sharding import Mesh
+
+import vicrop_jax
+from vicrop_jax import _vicrop
+from vicrop_jax._generation import prompt_inputs
+from vicrop_jax._loading import Model
+from vicrop_jax._prepare import map_options, question_prompt
+from vicrop_jax.evaluation.datasets import Record, check_options, read_dataset, record_options
+from vicrop_jax.evaluation.metrics import area_fraction, score_answer
+from vicrop_jax.evaluation.progress import Progress
+from vicrop_jax.evaluation.results import append_results, process_path, read_results
+from vicrop_jax.preprocessing import load_image
+
+MAX_LISTED_FAILURES = 10
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalSettings:
+    data: Path
+    images: Path
+    model: str
+    out: Path
+    method: str = "rel_att"
+    metric: str = "vqa"
+    batch_size: int = 8
+    dataset_format: str = "auto"
+    dataset_name: str | None = None
+    high_res: bool = False
+    limit: int | None = None
+    dtype: str = "float32"
+    max_new_tokens: int = 20
+    seed: int = 0
+    layer: int | None = None
+    qformer_layer: int = 2
+    process_index: int | None = None
+    process_count: int | None = None
+    distributed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A record checked on the host: its decoded image, or why it cannot run."""
+
+    index: int  # position in the dataset (after --limit), which seeds the random baseline
+    record: Record
+    image: PIL.Image.Image | None = None
+    error: str | None = None
+
+
+Outcome = vicrop_jax.Answer | str  # an answer, or the error message of a record that raised
+
+
+def process_slot(settings: EvalSettings) -> tuple[int, int]:
+    """(index, count) of this process: given, or from JAX (after jax.distributed.initialize())."""
+    if (settings.process_index is None) != (settings.process_count is None):
+        raise ValueError("pass both --process-index and --process-count, or neither")
+    if settings.distributed:
+        jax.distributed.initialize()
+    if settings.process_index is None:
+        return jax.process_index(), jax.process_count()
+    if not 0 <= settings.process_index < settings.process_count:
+        raise ValueError(f"--process-index {settings.process_index} is not in 0..{settings.process_count - 1}")
+    return settings.process_index, settings.process_count
+
+
+def assigned_records(records: Sequence[Record], limit: int | None, index: int, count: int):
+    """(dataset position, record) pairs of this process: the first `limit` records, every count-th."""
+    kept = records if limit is None else records[:limit]
+    return [(i, record) for i, record in enumerate(kept) if i % count == index]
+
+
+def finished_ids(path: Path, settings: EvalSettings) -> set[str]:
+    """Ids already in `path` (a partial last line is cut off first); refuses the file of another run."""
+    if not path.exists():
+        return set()
+    lines = read_results(path, repair=True)
+    for number, line in enumerate(lines, 1):
+        run = (line.get("method"), line.get("model"), line.get("metric"))
+        if "id" not in line or run != (settings.method, settings.model, settings.metric):
+            raise ValueError(
+                f"{path} line {number} is not a result of this run (method {run[0]!r}, model {run[1]!r}, metric "
+                f"{run[2]!r}); resuming needs the same --method, --model and --metric, or pass another --out"
+            )
+    return {str(line["id"]) for line in lines}
+
+
+def data_mesh(batch_size: int) -> tuple[Mesh | None, int]:
+    """A 1-D mesh over the local devices and the batch size rounded up to a multiple of their count."""
+    devices = jax.local_devices()
+    if len(devices) == 1:
+        return None, batch_size
+    return Mesh(np.array(devices), ("data",)), -(-batch_size // len(devices)) * len(devices)
+
+
+def question_problem(model: Model, record: Record, max_new_tokens: int) -> str | None:
+    """Why the question cannot be asked (empty, longer than the model's positions), or None."""
+    if not record.question.strip():
+        return "empty question"
+    text_limit = model.config.text.max_position_embeddings
+    try:
+        for question, images in ((record.question, 2), (record.short_question or record.question, 1)):
+            tokens = len(prompt_inputs(model, question_prompt(model, question, images), images)[0]) + max_new_tokens
+            if tokens > text_limit:
+                return (f"question too long: {tokens} tokens, model allows {text_limit} (the prompt with "
+                        f"{images} image(s) and {max_new_tokens} new tokens)")
+            if model.qformer_tokenizer is not None:
+                qformer_tokens = len(model.qformer_tokenizer.encode(question_prompt(model, question)))
+                qformer_limit = model.config.qformer.max_position_embeddings
+                if qformer_tokens > qformer_limit:
+                    return f"question too long: {qformer_tokens} Q-Former tokens, model allows {qformer_limit}"
+    except ValueError as error:  # e.g. a literal "<image>" in a LLaVA question
+        return f"bad question: {error}"
+    return None
+
+
+def prepare(model: Model, settings: EvalSettings, index: int, record: Record) -> Prepared:
+    """Host checks before batching, so that a bad record never reaches (and fails) a batch."""
+    problem = question_problem(model, record, settings.max_new_tokens)
+    if problem is None and settings.method == "gt" and record.bbox is None:
+        problem = "method 'gt' needs the record's ground-truth 'bbox'"
+    if problem is not None:
+        return Prepared(index, record, error=problem)
+    path = settings.images / record.image_path
+    try:
+        return Prepared(index, record, image=load_image(path))
+    except FileNotFoundError:
+        return Prepared(index, record, error=f"image not found: {path}")
+    except Exception as error:  # ValueError for unreadable files, DecompressionBombError, ...
+        return Prepared(index, record, error=f"unreadable image: {error}")
+
+
+def answer_or_error(answer_fn: Callable[[list[Prepared]], list[vicrop_jax.Answer]],
+                    prepared: list[Prepared]) -> list[Outcome]:
+    """The answers of a batch; if it raises, its records one by one, so only a bad record gets an error."""
+    try:
+        return list(answer_fn(prepared))
+    except Exception as error:
+        if len(prepared) == 1:
+            return [f"{type(error).__name__}: {error}"]
+        return [answer_or_error(answer_fn, [p])[0] for p in prepared]
+
+
+def batch_answer_fn(model: Model, settings: EvalSettings, mesh: Mesh | None, batch_size: int):
+    """Map methods: `answer_batch`'s vmapped program, sharded over `mesh`, batches padded to `batch_size`
+    (one compile per bucket, retries included). Others: `answer` per record, seeded by dataset position."""
+    map_kwargs = {"layer": settings.layer, "qformer_layer": settings.qformer_layer}
+    if settings.method not in _vicrop.MAP_METHODS or settings.high_res:
+        kwargs = map_kwargs if settings.method in _vicrop.MAP_METHODS else {}
+        return lambda prepared: [
+            vicrop_jax.answer(model, p.image, p.record.question, settings.method,
+                              short_question=p.record.short_question, high_res=settings.high_res,
+                              bbox=p.record.bbox, seed=settings.seed + p.index,
+                              max_new_tokens=settings.max_new_tokens, **kwargs)
+            for p in prepared
+        ]
+    options = map_options(model, settings.method, **map_kwargs)
+    return lambda prepared: _vicrop.run_padded_batch(
+        model, [p.image for p in prepared], [p.record.question for p in prepared],
+        [p.record.short_question or p.record.question for p in prepared], options, settings.max_new_tokens,
+        batch_size, mesh,
+    )
+
+
+def result_line(prepared: Prepared, outcome: Outcome | None, settings: EvalSettings, dataset: str) -> dict:
+    """One JSONL line: SPEC section 7 fields, the run's identity, and the record's scores."""
+    record = prepared.record
+    line = {
+        "id": record.id, "dataset": record.dataset or dataset, "question": record.question,
+        "labels": list(record.labels), "image_path": record.image_path, "method": settings.method,
+        "model": settings.model, "metric": settings.metric,
+    }
+    if record.bbox is not None:
+        line["gt_bbox"] = list(record.bbox)
+        if prepared.image is not None:
+            line["area_fraction"] = area_fraction(record.bbox, prepared.image.size)
+    error = prepared.error or (outcome if isinstance(outcome, str) else None)
+    if error is not None:
+        return {**line, "original_answer": None, "crop_answer": None, "bbox": None, "original_correct": None,
+                "crop_correct": None, "timing": None, "error": error}
+    options = record_options(record) if settings.metric == "mc" else ()
+    return {
+        **line,
+        "original_answer": outcome.original_answer,
+        "crop_answer": outcome.answer,
+        "bbox": None if outcome.bbox is None else list(outcome.bbox),
+        "original_correct": score_answer(settings.metric, outcome.original_answer, record.labels, options),
+        "crop_correct": score_answer(settings.metric, outcome.answer, record.labels, options),
+        "timing": outcome.timings,
+        "error": None,
+    }
+
+
+def run_batches(model: Model, settings: EvalSettings, pending, out: Path, batch_size: int, answer_fn,
+                progress: Progress, dataset: str) -> None:
+    """Answer `pending` batch by batch, appending each batch's lines (flushed, fsync'd) to `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a", encoding="utf-8") as handle:
+        for begin in range(0, len(pending), batch_size):
+            prepared = [prepare(model, settings, i, record) for i, record in pending[begin:begin + batch_size]]
+            ready = [p for p in prepared if p.error is None]
+            outcomes = dict(zip((p.index for p in ready), answer_or_error(answer_fn, ready) if ready else []))
+            lines = [result_line(p, outcomes.get(p.index), settings, dataset) for p in prepared]
+            append_results(handle, lines)
+            progress.update(len(lines), sum(line["error"] is not None for line in lines))
+    progress.close()
+
+
+def summary(lines: list[dict], out: Path, new: int) -> str:
+    """How many records, how many failed (and why), and the accuracies of the scored ones."""
+    failed = [line for line in lines if line["error"] is not None]
+    scored = [line for line in lines if line["error"] is None]
+    text = [f"{len(lines)} records in {out} ({new} new this run), {len(failed)} failed"]
+    if scored:
+        mean = lambda key: 100 * sum(line[key] for line in scored) / len(scored)
+        text.append(f"accuracy over {len(scored)} answered: original {mean('original_correct'):.2f}%, "
+                    f"with crop {mean('crop_correct'):.2f}%")
+    text += [f"  failed id {line['id']!r}: {line['error']}" for line in failed[:MAX_LISTED_FAILURES]]
+    if len(failed) > MAX_LISTED_FAILURES:
+        text.append(f"  ... and {len(failed) - MAX_LISTED_FAILURES} more (see the 'error' field)")
+    return "\n".join(text)
+
+
+def evaluate(settings: EvalSettings) -> int:
+    """Run (or resume) an evaluation; returns the exit status (0 all answered, 1 some records failed)."""
+    records = read_dataset(settings.data, settings.dataset_format, settings.dataset_name)
+    if settings.metric == "mc":
+        check_options(records)
+    if not settings.images.is_dir():
+        raise ValueError(f"image folder {settings.images} not found")
+    if settings.batch_size < 1 or (settings.limit is not None and settings.limit < 0):
+        raise ValueError("--batch-size must be at least 1 and --limit at least 0")
+    index, count = process_slot(settings)
+    assigned = assigned_records(records, settings.limit, index, count)
+    out = process_path(settings.out, index, count)
+    finished = finished_ids(out, settings)
+    pending = [(i, record) for i, record in assigned if str(record.id) not in finished]
+    model = vicrop_jax.load(settings.model, dtype=settings.dtype)
+    mesh, batch_size = data_mesh(settings.batch_size)
+    if batch_size != settings.batch_size:
+        print(f"batch size {settings.batch_size} -> {batch_size}: a multiple of the {len(jax.local_devices())} "
+              "local devices", file=sys.stderr)
+    answer_fn = batch_answer_fn(model, settings, mesh, batch_size)
+    progress = Progress("eval", len(assigned), len(assigned) - len(pending))
+    run_batches(model, settings, pending, out, batch_size, answer_fn, progress, settings.data.stem)
+    ids = {str(record.id) for _, record in assigned}
+    lines = [line for line in read_results(out) if str(line["id"]) in ids]
+    print(summary(lines, out, len(pending)))
+    return 1 if any(line["error"] is not None for line in lines) else 0
