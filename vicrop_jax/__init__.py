@@ -9,6 +9,8 @@ Public API:
 - `answer(model, image, question, method="rel_att", ...) -> Answer`: ViCrop end to end, one jitted program.
 - `answer_batch(model, images, questions, method="rel_att", ...) -> list[Answer]`: the same, vmapped.
 - `viz.overlay(image, importance, bbox, path)`: the map over the image, the box drawn.
+- `sharding.load_sharded` / `sharding.shard_model`: tensor-parallel placement over a device mesh.
+- `evaluation`: dataset readers, metrics and the resumable runner behind `vicrop-jax eval` / `score`.
 
 Everything else is importable for research use but private by convention.
 """

@@ -5,6 +5,10 @@ layer after it splits its input features, so each attention or MLP block needs o
 and the LM head split the vocabulary. Only the placement of the parameters changes: the model code is
 untouched, because `jax.jit` propagates the input shardings through the program (GSPMD) and inserts the
 collectives. Kernels are flax's [in, out], embeddings [V, D].
+
+    mesh = sharding.make_mesh()                                # every device on one "model" axis
+    model = sharding.load_sharded(path, mesh, "float32")       # or sharding.shard_model(loaded, mesh)
+    print(sharding.describe(model.params, sharding.parameter_specs(model.params, axis_size=mesh.size)))
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def _path(key_path) -> str:
     return "/" + jax.tree_util.keystr(key_path, simple=True, separator="/")
 
 
-def rule_dimension(path: str) -> int | None | str:
+def _rule_dimension(path: str) -> int | None | str:
     """The dimension RULES split for a "/"-joined path: an int, None (replicated by rule) or NO_RULE."""
     for pattern, dim in RULES:
         if re.search(pattern, path):
@@ -60,8 +64,8 @@ def rule_dimension(path: str) -> int | None | str:
 
 
 def _spec(path: str, shape: tuple[int, ...], axis: str, axis_size: int) -> PartitionSpec:
-    dim = rule_dimension(path)
-    if not isinstance(dim, int) or dim >= len(shape) or shape[dim] % axis_size:
+    dim = _rule_dimension(path)
+    if not isinstance(dim, int) or shape[dim] % axis_size:
         return PartitionSpec()
     return PartitionSpec(*(axis if i == dim else None for i in range(len(shape))))
 
@@ -76,7 +80,7 @@ def parameter_specs(params: Any, axis: str = "model", *, axis_size: int) -> Any:
     """
     unmatched = [
         _path(key_path) for key_path, _ in jax.tree_util.tree_leaves_with_path(params)
-        if rule_dimension(_path(key_path)) == NO_RULE
+        if _rule_dimension(_path(key_path)) == NO_RULE
     ]
     if unmatched:
         warnings.warn(f"no sharding rule for {len(unmatched)} parameter(s), replicated: {unmatched}", stacklevel=2)
@@ -90,7 +94,7 @@ def describe(params: Any, specs: Any) -> str:
     rows, total, split = [], 0, 0
     for (key_path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(specs)):
         path, size = _path(key_path), int(np.prod(leaf.shape))
-        dim = rule_dimension(path)
+        dim = _rule_dimension(path)
         sharded = any(name is not None for name in spec)
         note = NO_RULE if dim == NO_RULE else ("not divisible" if isinstance(dim, int) and not sharded else "")
         rows.append(f"{path[1:]:<64} {str(tuple(leaf.shape)):<22} {str(spec):<24} {note}".rstrip())
@@ -109,7 +113,7 @@ def make_mesh(num_devices: int | None = None, axis: str = "model") -> Mesh:
     return jax.make_mesh((len(devices),), (axis,), (jax.sharding.AxisType.Auto,), devices=devices)
 
 
-def place(params: Any, mesh: Mesh, axis: str = "model") -> Any:
+def _place(params: Any, mesh: Mesh, axis: str = "model") -> Any:
     """Parameters (host numpy or device arrays) put on the mesh, each device receiving only its slice."""
     specs = parameter_specs(params, axis, axis_size=mesh.shape[axis])
     return jax.device_put(params, jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs))
@@ -121,7 +125,7 @@ def shard_model(model: Model, mesh: Mesh, axis: str = "model") -> Model:
     The model's parameters must fit where they are now; for a checkpoint that fits no single device use
     `load_sharded`, which never puts the whole tree on one.
     """
-    return dataclasses.replace(model, params=place(model.params, mesh, axis))
+    return dataclasses.replace(model, params=_place(model.params, mesh, axis))
 
 
 def load_sharded(
@@ -136,7 +140,7 @@ def load_sharded(
     arch = architecture_for(json.loads((folder / "config.json").read_text()))
     dtype = resolve_dtype(dtype)
     module = arch.module_class(arch.config, dtype=dtype, param_dtype=dtype)
-    params = place(read_params(folder, arch, module, dtype, allow_pickle), mesh, axis)
+    params = _place(read_params(folder, arch, module, dtype, allow_pickle), mesh, axis)
     image_config = ImageProcessorConfig.from_preprocessor_config(
         json.loads((folder / "preprocessor_config.json").read_text())
     )
