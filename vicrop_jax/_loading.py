@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -107,8 +107,11 @@ def read_params(folder: Path, arch: Architecture, module: nn.Module, dtype: Any,
     return hf_to_flax(arch.table, tensors, abstract, dtype, source=f"checkpoint {folder}")
 
 
-def load(path_or_repo_id: str | os.PathLike, dtype: Any = "float32", *, allow_pickle: bool = False) -> Model:
+def load(path_or_repo_id: str | os.PathLike, dtype: Any = "float32", *, allow_pickle: bool = False,
+         place: Callable[[Any], Any] = jax.device_put) -> Model:
     """Load a LLaVA-1.5 or InstructBLIP-Vicuna checkpoint folder (or a repo id in the local HF cache).
+
+    `place` puts the host parameter tree on devices (`sharding.load_sharded` splits it over a mesh).
 
     dtype is both the parameter and the compute dtype; attention logits and softmax stay float32.
     """
@@ -117,7 +120,7 @@ def load(path_or_repo_id: str | os.PathLike, dtype: Any = "float32", *, allow_pi
     arch = architecture_for(hf_config)
     dtype = resolve_dtype(dtype)
     module = arch.module_class(arch.config, dtype=dtype, param_dtype=dtype)
-    params = jax.device_put(read_params(folder, arch, module, dtype, allow_pickle))
+    params = place(read_params(folder, arch, module, dtype, allow_pickle))
     image_config = ImageProcessorConfig.from_preprocessor_config(
         json.loads((folder / "preprocessor_config.json").read_text())
     )

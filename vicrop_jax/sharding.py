@@ -14,7 +14,6 @@ collectives. Kernels are flax's [in, out], embeddings [V, D].
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import warnings
@@ -24,11 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vicrop_jax._loading import (
-    QFORMER_TOKENIZER_FOLDER, Model, architecture_for, read_params, resolve_checkpoint_folder, resolve_dtype,
-)
-from vicrop_jax._tokenizer import Tokenizer
-from vicrop_jax.preprocessing import ImageProcessorConfig
+from vicrop_jax._loading import Model, load
 
 # Layers whose output features are split (lm_head: the vocabulary) ...
 _COLUMN = (r"q_proj|k_proj|v_proj|gate_proj|up_proj|fc1|qkv|linear_1|query|key|value"
@@ -136,18 +131,4 @@ def load_sharded(
 
     The converted tree is held once in host memory (52 GB for 13B in float32), never on one device.
     """
-    folder = resolve_checkpoint_folder(path_or_repo_id)
-    arch = architecture_for(json.loads((folder / "config.json").read_text()))
-    dtype = resolve_dtype(dtype)
-    module = arch.module_class(arch.config, dtype=dtype, param_dtype=dtype)
-    params = _place(read_params(folder, arch, module, dtype, allow_pickle), mesh, axis)
-    image_config = ImageProcessorConfig.from_preprocessor_config(
-        json.loads((folder / "preprocessor_config.json").read_text())
-    )
-    qformer_tokenizer = None
-    if arch.kind == "instructblip":
-        qformer_tokenizer = Tokenizer.from_folder(folder / QFORMER_TOKENIZER_FOLDER)
-    return Model(
-        arch.kind, arch.config, module, params, Tokenizer.from_folder(folder), image_config, folder,
-        qformer_tokenizer,
-    )
+    return load(path_or_repo_id, dtype, allow_pickle=allow_pickle, place=lambda params: _place(params, mesh, axis))
