@@ -98,11 +98,10 @@ def prefix_answers(module, params, features, crop_features, cache: KVCache, pref
     (from the map's question pass when given, else from its own suffix pass)."""
     variables = {"params": params}
     ids, length = _split(crop_prompt, prefix_length)
-    (logits, crop_cache), _ = suffix_pass(module, variables, cache, prefix_length, ids, length, crop_features)
-    with_crop = decode_from(module, params, logits, crop_cache, crop_prompt.length, max_new_tokens, eos_ids)
+    crop_pass, _ = suffix_pass(module, variables, cache, prefix_length, ids, length, crop_features)
     if question_pass is None:
         ids, length = _split(original_prompt, prefix_length)
         question_pass, _ = suffix_pass(module, variables, cache, prefix_length, ids, length, features)
-    logits, question_cache = question_pass
-    original = decode_from(module, params, logits, question_cache, original_prompt.length, max_new_tokens, eos_ids)
+    with_crop = decode_from(module, params, *crop_pass, crop_prompt.length, max_new_tokens, eos_ids)
+    original = decode_from(module, params, *question_pass, original_prompt.length, max_new_tokens, eos_ids)
     return with_crop, original

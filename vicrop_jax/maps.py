@@ -186,7 +186,8 @@ def device_map(
     if options.method == "rel_att":
         maps = jax.vmap(lambda p: attention_map(module, params, pixels, p, options))(both)
         return maps[0] / maps[1]
-    norms = jax.vmap(lambda p: pixel_gradient_norm(module, params, pixels, p, options))(both)
+    # one prompt at a time: a backward pass keeps every layer's activations, two at once would double the peak
+    norms = jax.lax.map(lambda p: pixel_gradient_norm(module, params, pixels, p, options), both)
     return block_mean(norms[0] / norms[1] * high_pass, module.config.vision.patch_size)
 
 
