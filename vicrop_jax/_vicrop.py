@@ -27,8 +27,7 @@ from vicrop_jax.boxes import (
     center_box, crop_and_resize_jax, grow_box, random_box, select_bbox, select_bbox_jax, stitch_maps, tile_boxes,
     tile_grid,
 )
-from vicrop_jax.decoding import decode_from, strip_generated
-from vicrop_jax.llama import KVCache
+from vicrop_jax.decoding import generate_one, strip_generated
 from vicrop_jax.maps import MapOptions, PromptArrays, device_map, high_pass_mask
 from vicrop_jax._prefix import prefill_prefix, prefix_answers, prefix_map
 from vicrop_jax.preprocessing import load_image
@@ -79,15 +78,6 @@ def _processor_box(kind: str, box: jax.Array) -> jax.Array:
     return jnp.stack([left, top, left + side, top + side])
 
 
-def _generate(module, params, prompt: PromptArrays, features, max_new_tokens, eos_ids):
-    """Greedy tokens for one prompt (ids [T]) over image features [M, D], inside a traced program."""
-    embeds = module.apply({"params": params}, prompt.ids[None], features[None], method="embed")
-    cache = KVCache.zeros(module.config.text, 1, prompt.ids.shape[0] + max_new_tokens, module.dtype)
-    hidden, cache = module.apply({"params": params}, embeds, cache, 0, method="decode")
-    logits = module.apply({"params": params}, hidden[0, prompt.length - 1], method="logits")
-    return decode_from(module, params, logits, cache, prompt.length, max_new_tokens, eos_ids)
-
-
 def _encode_pair(module, params, pixels, crop_pixels, prompt: PromptArrays):
     both = jnp.stack([pixels, crop_pixels])
     if prompt.qformer_ids is None:
@@ -110,9 +100,10 @@ def _crop_and_answer(model_static, params, pixels, image, image_size, box, crop_
     module, eos_ids = model_static[0], model_static[3]
     crop_pixels = _crop_pixels(model_static, image, image_size, box, pixels.dtype)
     features = _encode_pair(module, params, pixels, crop_pixels, crop_prompt)
-    with_crop = _generate(module, params, crop_prompt, features.reshape(-1, features.shape[-1]),
-                          max_new_tokens, eos_ids)
-    original = _generate(module, params, original_prompt, features[0], max_new_tokens, eos_ids)
+    with_crop = generate_one(module, params, crop_prompt.ids, crop_prompt.length,
+                             features.reshape(-1, features.shape[-1]), max_new_tokens, eos_ids)
+    original = generate_one(module, params, original_prompt.ids, original_prompt.length, features[0],
+                            max_new_tokens, eos_ids)
     return with_crop, original
 
 
@@ -184,12 +175,15 @@ def _map_inputs(model: Model, image: PIL.Image.Image, question: str, options: Ma
     question_arrays, general_arrays = prompt_arrays(
         model, [question_prompt(model, question), question_prompt(model, options.general_question)]
     )
+    return question_arrays, general_arrays, _high_pass(model, image, options)
+
+
+def _high_pass(model: Model, image: PIL.Image.Image, options: MapOptions) -> np.ndarray:
+    """Pure-grad's high-pass mask as float32 [res, res]; all ones for the other methods (it is unused)."""
     size = model.config.image_size
     if options.method == "pure_grad":
-        high_pass = high_pass_mask(image, size).astype(np.float32)
-    else:
-        high_pass = np.ones((size, size), np.float32)
-    return question_arrays, general_arrays, high_pass
+        return high_pass_mask(image, size).astype(np.float32)
+    return np.ones((size, size), np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("model_static", "options"))
@@ -321,7 +315,6 @@ def _stack(trees: list) -> Any:
 def _batch_records(model: Model, images: list[PIL.Image.Image], questions: list[str], map_questions: list[str],
                    options: MapOptions) -> tuple:
     """Host inputs of `_pipeline_batch`: images padded to one size bucket, prompts to one length bucket."""
-    size = model.config.image_size
     arrays = [_image_array(image) for image in images]
     height = max(a.shape[0] for a, _ in arrays)
     width = max(a.shape[1] for a, _ in arrays)
@@ -331,10 +324,7 @@ def _batch_records(model: Model, images: list[PIL.Image.Image], questions: list[
     map_prompts = prompt_arrays(model, [question_prompt(model, q) for q in map_questions]
                                 + [question_prompt(model, options.general_question)])
     general = map_prompts[-1]
-    if options.method == "pure_grad":
-        high_pass = np.stack([high_pass_mask(image, size) for image in images]).astype(np.float32)
-    else:
-        high_pass = np.ones((len(images), size, size), np.float32)
+    high_pass = np.stack([_high_pass(model, image, options) for image in images])
     return (
         pixel_values(model, images), padded, np.stack([s for _, s in arrays]), _stack(map_prompts[:-1]),
         _stack([general] * len(images)), high_pass,

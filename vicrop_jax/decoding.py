@@ -77,13 +77,18 @@ def greedy_generate(
     eos_ids: tuple[int, ...],
 ) -> jax.Array:
     """input_ids [B,T] right-padded, lengths [B], image_features [B,M,D] -> tokens [B,max_new_tokens]."""
-
-    def one(ids, length, features):
-        last_hidden, cache = prefill(module, params, ids, length, features, ids.shape[0] + max_new_tokens)
-        first_logits = module.apply({"params": params}, last_hidden, method="logits")
-        return decode_from(module, params, first_logits, cache, length, max_new_tokens, eos_ids)
-
+    one = lambda ids, length, features: generate_one(  # noqa: E731
+        module, params, ids, length, features, max_new_tokens, eos_ids
+    )
     return jax.vmap(one)(input_ids, lengths, image_features)
+
+
+def generate_one(module, params, input_ids, length, image_features, max_new_tokens: int, eos_ids):
+    """Greedy tokens [max_new_tokens] of one prompt (ids [T], features [M,D]), as traced device code."""
+    last_hidden, cache = prefill(module, params, input_ids, length, image_features,
+                                 input_ids.shape[0] + max_new_tokens)
+    first_logits = module.apply({"params": params}, last_hidden, method="logits")
+    return decode_from(module, params, first_logits, cache, length, max_new_tokens, eos_ids)
 
 
 def strip_generated(tokens: np.ndarray) -> list[int]:

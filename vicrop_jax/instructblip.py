@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from vicrop_jax._config import check_supported
-from vicrop_jax._merge import merge_image_features
+from vicrop_jax._merge import LanguageModelMethods
 from vicrop_jax.eva_vit import EvaVisionConfig, EvaVisionTransformer
 from vicrop_jax.llama import KVCache, LlamaConfig, LlamaForCausalLM
 from vicrop_jax.qformer import QFormerConfig, QFormerModel
@@ -74,7 +74,7 @@ class InstructBlipConfig:
         return self.vision.image_size
 
 
-class InstructBlip(nn.Module):
+class InstructBlip(LanguageModelMethods, nn.Module):
     config: InstructBlipConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -101,22 +101,6 @@ class InstructBlip(nn.Module):
         queries = jnp.broadcast_to(self.query_tokens, (pixel_values.shape[0], *self.query_tokens.shape[1:]))
         hidden = self.qformer(queries, qformer_input_ids, qformer_attention_mask, image_embeds, cross_attention_layers)
         return self.language_projection(hidden[:, : self.config.num_query_tokens])
-
-    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
-        return self.language_model.embed(input_ids)
-
-    def embed(self, input_ids: jax.Array, image_features: jax.Array) -> jax.Array:
-        """input_ids [B,T] with image placeholders, image_features [B,M,D] -> input embeddings [B,T,D]."""
-        token_embeds = self.language_model.embed(input_ids)
-        return merge_image_features(token_embeds, input_ids, image_features, self.config.image_token_id)
-
-    def decode(
-        self, inputs_embeds: jax.Array, cache: KVCache, offset=0, attention_layers: Sequence[int] = ()
-    ) -> tuple[jax.Array, KVCache]:
-        return self.language_model(inputs_embeds, cache, offset, attention_layers)
-
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        return self.language_model.logits(hidden)
 
     def __call__(
         self,

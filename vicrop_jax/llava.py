@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from vicrop_jax._config import check_supported
-from vicrop_jax._merge import merge_image_features
+from vicrop_jax._merge import LanguageModelMethods
 from vicrop_jax.clip_vit import ClipVisionConfig, ClipVisionTransformer
 from vicrop_jax.llama import KVCache, LlamaConfig, LlamaForCausalLM
 
@@ -77,7 +77,7 @@ class LlavaProjector(nn.Module):
         return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
 
 
-class Llava(nn.Module):
+class Llava(LanguageModelMethods, nn.Module):
     config: LlavaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -96,22 +96,6 @@ class Llava(nn.Module):
         start = 0 if c.keep_cls_feature else 1
         features = jnp.concatenate([h[:, start:] for h in hidden], axis=-1)
         return self.multi_modal_projector(features)
-
-    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
-        return self.language_model.embed(input_ids)
-
-    def embed(self, input_ids: jax.Array, image_features: jax.Array) -> jax.Array:
-        """input_ids [B,T] with image tokens, image_features [B,M,D] -> input embeddings [B,T,D]."""
-        token_embeds = self.language_model.embed(input_ids)
-        return merge_image_features(token_embeds, input_ids, image_features, self.config.image_token_id)
-
-    def decode(
-        self, inputs_embeds: jax.Array, cache: KVCache, offset=0, attention_layers: Sequence[int] = ()
-    ) -> tuple[jax.Array, KVCache]:
-        return self.language_model(inputs_embeds, cache, offset, attention_layers)
-
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        return self.language_model.logits(hidden)
 
     def __call__(
         self, input_ids: jax.Array, pixel_values: jax.Array, attention_layers: Sequence[int] = ()
