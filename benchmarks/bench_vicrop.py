@@ -1,8 +1,8 @@
 """Seconds per question, ours vs the published procedure in PyTorch; map peak memory; batched throughput.
 
-    python benchmarks/bench_vicrop.py [--configs demo medium] [--questions 3] [--batches 1 8 32]
+    python benchmarks/bench_vicrop.py [--configs vicrop-tiny medium] [--questions 3] [--batches 1 8 32]
 
-- `demo`: the demo's tiny random LLaVA (the trained embedded model is not shipped yet);
+- `vicrop-tiny`: the embedded model, on held-out synthetic scenes and their questions;
 - `medium`: the LLaVA-1.5 shape family (CLIP ViT at 336 px, 576 image tokens, LLaMA decoder, 32k vocabulary)
   scaled so that one forward takes about a second on a 2-core CPU.
 The reference is `torch_reference.vicrop_llava` (transformers eager attention, `output_attentions=True`,
@@ -23,31 +23,53 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, ImageDraw
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
 METHODS = ("rel_att", "grad_att", "pure_grad")
+CONFIGS = ["vicrop-tiny", "medium"]
+BENCH_SEED = 3  # synthetic scenes no other run uses (training 0, evaluation 1, demo 2)
 MEDIUM = dict(image_size=336, vision_width=256, vision_layers=6, width=768, text_layers=8, num_heads=12,
               num_kv_heads=12, vocab_size=32000)
 QUESTIONS = ["What is the color of the small shape ?", "What is the letter on the left ?",
              "how many red shapes are there ?", "What digit is on the top right ?"]
 
 
-def write_checkpoint(name: str, folder: Path) -> None:
-    if name == "demo":
-        from vicrop_jax._demo import write_tiny_random_llava
+def write_checkpoint(name: str, folder: Path) -> Path:
+    """The folder to load: the embedded model's own, or a medium random checkpoint written to `folder`."""
+    if name == "vicrop-tiny":
+        from vicrop_jax._loading import checkpoint_folder
 
-        write_tiny_random_llava(folder)
-    else:
-        from tiny_models import llava_config, save_llava
+        return checkpoint_folder(name)
+    from tiny_models import llava_config, save_llava
 
-        save_llava(folder, llava_config(**MEDIUM))
+    save_llava(folder, llava_config(**MEDIUM))
+    return folder
 
 
-def scenes(count: int) -> list:
-    from vicrop_jax.cli import demo_image
+def cluttered_scene(seed: int, size: int = 640) -> Image.Image:
+    """Random discs on noise with one small red square, cut to 640x480 (a non-square image)."""
+    rng = np.random.RandomState(seed)
+    image = Image.fromarray(rng.randint(90, 160, (size, size, 3), np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(25):
+        x, y, r = rng.randint(0, size), rng.randint(0, size), rng.randint(10, 40)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.randint(0, 255, 3)))
+    draw.rectangle((470, 120, 486, 136), fill=(220, 30, 30))
+    return image.crop((0, 0, size, 480))
 
-    return [demo_image(640, seed=i).crop((0, 0, 640, 480)) for i in range(count)]
+
+def workload(name: str, count: int) -> tuple[list, list[str]]:
+    """(images, questions): held-out synthetic scenes for the embedded model, cluttered scenes otherwise."""
+    if name == "vicrop-tiny":
+        from vicrop_jax.synthetic import make_record
+
+        records = [make_record(BENCH_SEED, i) for i in range(count)]
+        return [r.image for r in records], [r.question for r in records]
+    return [cluttered_scene(i) for i in range(count)], (QUESTIONS * count)[:count]
 
 
 def load_reference(folder: Path):
@@ -67,11 +89,11 @@ def per_question(fn, images, questions) -> float:
     return (time.perf_counter() - start) / len(images)
 
 
-def timings(folder: Path, count: int) -> dict:
+def timings(name: str, folder: Path, count: int) -> dict:
     import torch_reference
     import vicrop_jax
 
-    images, questions = scenes(count), (QUESTIONS * count)[:count]
+    images, questions = workload(name, count)
     model = vicrop_jax.load(folder)
     layer = min(14, model.config.text.num_layers // 2)
     ours = {m: per_question(lambda i, q: vicrop_jax.answer(model, i, q, m, layer=layer), images, questions)
@@ -82,7 +104,7 @@ def timings(folder: Path, count: int) -> dict:
     return {"ours": ours, "reference": theirs}
 
 
-def throughput(folder: Path, batches: list[int]) -> dict:
+def throughput(name: str, folder: Path, batches: list[int]) -> dict:
     import vicrop_jax
 
     model = vicrop_jax.load(folder)
@@ -90,7 +112,7 @@ def throughput(folder: Path, batches: list[int]) -> dict:
     out = {}
     for batch in batches:
         count = max(batch, 8)
-        images, questions = scenes(count), (QUESTIONS * count)[:count]
+        images, questions = workload(name, count)
         vicrop_jax.answer_batch(model, images[:batch], questions[:batch], "rel_att", batch_size=batch, layer=layer)
         start = time.perf_counter()
         vicrop_jax.answer_batch(model, images, questions, "rel_att", batch_size=batch, layer=layer)
@@ -103,9 +125,9 @@ def _high_water_kib() -> tuple[int, int]:
     return int(status["VmHWM"].split()[0]), int(status["VmRSS"].split()[0])
 
 
-def memory_probe(framework: str, folder: str, method: str) -> None:
+def memory_probe(framework: str, name: str, folder: str, method: str) -> None:
     """Runs in a subprocess: peak RSS growth (MiB) of one map computation after a warm-up."""
-    image, question = scenes(1)[0], QUESTIONS[0]
+    (image,), (question,) = workload(name, 1)
     if framework == "ours":
         import vicrop_jax
 
@@ -133,10 +155,10 @@ def memory_probe(framework: str, folder: str, method: str) -> None:
     print(json.dumps({"peak_mib": (peak - before) / 1024}))
 
 
-def peak_memory(folder: Path, method: str) -> dict:
+def peak_memory(name: str, folder: Path, method: str) -> dict:
     out = {}
     for framework in ("ours", "reference"):
-        result = subprocess.run([sys.executable, __file__, "--memory-probe", framework, str(folder), method],
+        result = subprocess.run([sys.executable, __file__, "--memory-probe", framework, name, str(folder), method],
                                 capture_output=True, text=True, check=True)
         out[framework] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
     return out
@@ -144,10 +166,10 @@ def peak_memory(folder: Path, method: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--configs", nargs="+", default=["demo", "medium"], choices=["demo", "medium"])
+    parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--questions", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--memory-probe", nargs=3, metavar=("FRAMEWORK", "FOLDER", "METHOD"))
+    parser.add_argument("--memory-probe", nargs=4, metavar=("FRAMEWORK", "CONFIG", "FOLDER", "METHOD"))
     args = parser.parse_args()
     if args.memory_probe:
         memory_probe(*args.memory_probe)
@@ -159,11 +181,10 @@ def main() -> None:
           f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}")
     for name in args.configs:
         with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            write_checkpoint(name, folder)
-            times = timings(folder, args.questions)
-            memory = {m: peak_memory(folder, m) for m in METHODS}
-            rates = throughput(folder, args.batches)
+            folder = write_checkpoint(name, Path(tmp))
+            times = timings(name, folder, args.questions)
+            memory = {m: peak_memory(name, folder, m) for m in METHODS}
+            rates = throughput(name, folder, args.batches)
         print(f"\n### {name}: seconds per question ({args.questions} questions, after warm-up)\n")
         print("| method | vicrop_jax | PyTorch reference | speed-up | ours / our plain answer |")
         print("| --- | --- | --- | --- | --- |")

@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
-from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 import vicrop_jax
-from vicrop_jax._demo import write_tiny_random_llava
 from vicrop_jax._loading import abstract_params, architecture_for, save_hf_checkpoint
 from vicrop_jax.cli import main as cli_main
 from vicrop_jax.llava import Llava
@@ -162,22 +160,3 @@ def test_full_size_llava_7b_shapes_without_memory():
     assert arch.config.tokens_per_image == 576
     assert 7.0e9 < count < 7.1e9
     assert len(arch.table) == len(jax.tree_util.tree_leaves(tree))
-
-
-def test_demo_checkpoint_written_without_torch_loads_in_transformers(tmp_path):
-    folder = write_tiny_random_llava(tmp_path)
-    model = vicrop_jax.load(folder)
-    ids = np.array([[1, 7] + [3] * model.config.tokens_per_image + [9, 10]])
-    pixels = np.random.RandomState(0).randn(1, 3, model.config.image_size, model.config.image_size)
-    pixels = pixels.astype(np.float32)
-    ours = model.module.apply({"params": model.params}, ids, pixels.transpose(0, 2, 3, 1)[:, None])
-    np.testing.assert_allclose(np.asarray(ours), reference_logits(folder, ids, pixels), atol=1e-4, rtol=0)
-
-
-def test_demo_command_runs_and_says_answers_mean_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("VICROP_JAX_CACHE", str(tmp_path / "cache"))
-    assert cli_main(["demo", "--out", str(tmp_path / "out")]) == 0
-    printed = capsys.readouterr().out
-    assert "answer with ViCrop:" in printed and "random weights" in printed
-    assert (tmp_path / "out" / "demo_image.png").exists()
-    assert Image.open(tmp_path / "out" / "demo_map.png").size == (640, 640)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -131,6 +133,18 @@ def test_bad_options_are_refused_with_the_valid_range(model):
     if model.kind == "instructblip":
         with pytest.raises(ValueError, match=r"qformer_layer 5 is out of range.*0\.\.2"):
             vicrop_jax.importance_map(model, image, QUESTION, "rel_att", layer=1, qformer_layer=5)
+
+
+def test_default_map_layer_is_the_checkpoints_own_else_the_middle_one(model):
+    """A config may name its map layer (`vicrop_attention_layer`); without it a shallow model uses the middle."""
+    middle = model.config.text.num_layers // 2
+    assert _vicrop.map_options(model, "rel_att").layer == middle
+    named = dataclasses.replace(model, config=dataclasses.replace(model.config, map_layer=0))
+    assert _vicrop.map_options(named, "rel_att").layer == 0
+    assert _vicrop.map_options(named, "rel_att", layer=middle).layer == middle
+    image = scene()
+    np.testing.assert_array_equal(vicrop_jax.importance_map(named, image, QUESTION, "rel_att"),
+                                  vicrop_jax.importance_map(model, image, QUESTION, "rel_att", layer=0))
 
 
 def test_head_subsets_change_the_map(model):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Optional key of a composite model's config.json: the LM layer its ViCrop maps read by default.
+MAP_LAYER_KEY = "vicrop_attention_layer"
 
 
 def check_supported(hf: Mapping[str, Any], where: str, allowed: Mapping[str, tuple]) -> None:

@@ -30,6 +30,7 @@ from weights_conversion.tables import LLAVA_KEY_ALIASES, llava_table
 
 FLAX_PARAMS_FILE = "flax_params.safetensors"
 QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"
+EMBEDDED_MODELS = ("vicrop-tiny",)  # shipped in vicrop_jax/models/ (benchmarks/synthetic/train.py made them)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -107,15 +108,24 @@ def read_params(folder: Path, arch: Architecture, module: nn.Module, dtype: Any,
     return hf_to_flax(arch.table, tensors, abstract, dtype, source=f"checkpoint {folder}")
 
 
+def checkpoint_folder(path_or_repo_id: str | os.PathLike) -> Path:
+    """An embedded model's name (unless a folder of that name exists here), a folder, or a cached repo id."""
+    name = str(path_or_repo_id)
+    if name in EMBEDDED_MODELS and not Path(name).is_dir():
+        return Path(__file__).parent / "models" / name
+    return resolve_checkpoint_folder(path_or_repo_id)
+
+
 def load(path_or_repo_id: str | os.PathLike, dtype: Any = "float32", *, allow_pickle: bool = False,
          place: Callable[[Any], Any] = jax.device_put) -> Model:
-    """Load a LLaVA-1.5 or InstructBLIP-Vicuna checkpoint folder (or a repo id in the local HF cache).
+    """Load a LLaVA-1.5 or InstructBLIP-Vicuna checkpoint folder, a repo id in the local HF cache, or an
+    embedded model by name (`"vicrop-tiny"`, trained on synthetic small-detail VQA, see README).
 
     `place` puts the host parameter tree on devices (`sharding.load_sharded` splits it over a mesh).
 
     dtype is both the parameter and the compute dtype; attention logits and softmax stay float32.
     """
-    folder = resolve_checkpoint_folder(path_or_repo_id)
+    folder = checkpoint_folder(path_or_repo_id)
     hf_config = json.loads((folder / "config.json").read_text())
     arch = architecture_for(hf_config)
     dtype = resolve_dtype(dtype)

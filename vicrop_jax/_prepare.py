@@ -41,8 +41,11 @@ def map_options(
     clip_negative: bool = True,
     general_question: str = GENERAL_QUESTION,
 ) -> MapOptions:
-    """Validated map options; the default layer is the paper's (14 LLaVA, 15 InstructBLIP), or the middle
-    layer of a model too shallow to have it."""
+    """Validated map options. The default layer is the checkpoint's own where its config names one
+    (`vicrop_attention_layer`, chosen by an attention-ratio analysis as the paper chose its layers), else the
+    paper's (14 LLaVA, 15 InstructBLIP), or the middle layer of a model too shallow to have it."""
+    if layer is None:
+        layer = model.config.map_layer
     if layer is None:
         layer = min(DEFAULT_LAYER[model.kind], model.config.text.num_layers // 2)
     options = MapOptions(

@@ -4,59 +4,35 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
 
-DEMO_QUESTION = "What is the color of the small shape?"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("VICROP_JAX_CACHE", Path.home() / ".cache" / "vicrop_jax"))
-
-
-def demo_image(size: int = 640, seed: int = 0) -> Image.Image:
-    """A cluttered scene with one small target, like the questions ViCrop is for."""
-    rng = np.random.RandomState(seed)
-    image = Image.fromarray(rng.randint(90, 160, (size, size, 3), np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(25):
-        x, y, r = rng.randint(0, size), rng.randint(0, size), rng.randint(10, 40)
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.randint(0, 255, 3)))
-    draw.rectangle((470, 120, 486, 136), fill=(220, 30, 30))
-    return image
+DEMO_SEED, DEMO_INDEX = 2, 25  # a held-out synthetic scene (training used seed 0, evaluation seed 1)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     import vicrop_jax
-    from vicrop_jax._demo import write_tiny_random_llava
+    from vicrop_jax.synthetic import make_record
 
-    folder = Path(args.model) if args.model else default_cache_dir() / "tiny-random-llava"
-    if not args.model and not (folder / "config.json").exists():
-        write_tiny_random_llava(folder)
-        print(f"wrote a tiny random LLaVA checkpoint to {folder}")
-    model = vicrop_jax.load(folder)
-    image = demo_image()
+    model = vicrop_jax.load(args.model)
+    record = make_record(DEMO_SEED, args.index)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    image.save(out / "demo_image.png")
+    record.image.save(out / "demo_image.png")
     for attempt in ("first call (compiles)", "second call (compiled)"):
         start = time.perf_counter()
-        result = vicrop_jax.answer(model, image, args.question, args.method)
+        result = vicrop_jax.answer(model, record.image, record.question, args.method)
         print(f"{attempt}: {time.perf_counter() - start:.2f} s")
     overlay_path = out / "demo_map.png"
-    vicrop_jax.viz.overlay(image, result.importance, result.bbox, overlay_path)
-    print(f"question:             {args.question}")
+    vicrop_jax.viz.overlay(record.image, result.importance, result.bbox, overlay_path)
+    print(f"image:                {out / 'demo_image.png'} ({record.image.width} px, synthetic scene {args.index})")
+    print(f"question:             {record.question}")
+    print(f"true answer:          {record.answer!r} (box {record.bbox}, {record.relative_size:.1%} of the image side)")
     print(f"answer without crop:  {result.original_answer!r}")
-    print(f"answer with ViCrop:   {result.answer!r}  ({args.method}, box {result.bbox})")
+    print(f"answer with ViCrop:   {result.answer!r} ({args.method}, crop box {result.bbox})")
     print(f"map overlay:          {overlay_path}")
-    if not args.model:
-        print("NOTE: this checkpoint has random weights, so its answers mean nothing; the demo shows the "
-              "pipeline (HF checkpoint -> Flax -> preprocessing -> jitted greedy decoding) end to end.")
     return 0
 
 
@@ -128,9 +104,10 @@ def add_score_parser(commands) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vicrop-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="answer a question about a generated image")
-    demo.add_argument("--model", help="checkpoint folder or cached repo id (default: a tiny random model)")
-    demo.add_argument("--question", default=DEMO_QUESTION)
+    demo = commands.add_parser("demo", help="answer a question about a generated scene, without and with ViCrop")
+    demo.add_argument("--model", default="vicrop-tiny",
+                      help="the embedded model (default), a LLaVA checkpoint folder or a cached repo id")
+    demo.add_argument("--index", type=int, default=DEMO_INDEX, help="which generated scene")
     demo.add_argument("--method", default="rel_att", choices=("rel_att", "grad_att", "pure_grad"))
     demo.add_argument("--out", default="vicrop_demo_out", help="folder for the image and outputs")
     demo.set_defaults(run=run_demo)

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax._config import check_supported
+from vicrop_jax._config import MAP_LAYER_KEY, check_supported
 from vicrop_jax._merge import LanguageModelMethods
 from vicrop_jax.eva_vit import EvaVisionConfig, EvaVisionTransformer
 from vicrop_jax.llama import KVCache, LlamaConfig, LlamaForCausalLM
@@ -38,6 +38,7 @@ class InstructBlipConfig:
     text: LlamaConfig
     num_query_tokens: int
     image_token_id: int
+    map_layer: int | None = None  # the checkpoint's own default map layer (config key vicrop_attention_layer)
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> "InstructBlipConfig":
@@ -63,6 +64,7 @@ class InstructBlipConfig:
             text=LlamaConfig.from_hf_config(hf["text_config"]),
             num_query_tokens=hf.get("num_query_tokens", 32),
             image_token_id=image_token_id,
+            map_layer=hf.get(MAP_LAYER_KEY),
         )
 
     @property

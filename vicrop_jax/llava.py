@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax._config import check_supported
+from vicrop_jax._config import MAP_LAYER_KEY, check_supported
 from vicrop_jax._merge import LanguageModelMethods
 from vicrop_jax.clip_vit import ClipVisionConfig, ClipVisionTransformer
 from vicrop_jax.llama import KVCache, LlamaConfig, LlamaForCausalLM
@@ -28,6 +28,7 @@ class LlavaConfig:
     vision_feature_layers: tuple[int, ...] = (-2,)
     keep_cls_feature: bool = False
     projector_bias: bool = True
+    map_layer: int | None = None  # the checkpoint's own default map layer (config key vicrop_attention_layer)
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> "LlavaConfig":
@@ -51,6 +52,7 @@ class LlavaConfig:
             vision_feature_layers=tuple(layers) if isinstance(layers, (list, tuple)) else (layers,),
             keep_cls_feature=hf.get("vision_feature_select_strategy", "default") == "full",
             projector_bias=hf.get("multimodal_projector_bias", True),
+            map_layer=hf.get(MAP_LAYER_KEY),
         )
 
     @property

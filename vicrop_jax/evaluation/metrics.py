@@ -12,6 +12,8 @@ import re
 import string
 from typing import Sequence
 
+import numpy as np
+
 METRICS = ("vqa", "gqa", "mc", "pope")
 
 # The official VQA eval's tables (github.com/GT-Vision-Lab/VQA, vqaEval.py). Its capitalised contraction
@@ -172,3 +174,18 @@ def tercile_edges(fractions: Sequence[float]) -> tuple[float, float]:
 
 def tercile(fraction: float, edges: tuple[float, float]) -> str:
     return TERCILES[0] if fraction < edges[0] else TERCILES[1] if fraction < edges[1] else TERCILES[2]
+
+
+def attention_ratio(attention: np.ndarray, bbox: Sequence[float], image_size: tuple[int, int]) -> float:
+    """Mean attention per pixel inside `bbox` over the mean outside it, the grid map spread evenly over the
+    image (each cell weighted by its overlap with the box): > 1 where the model looks at the answer."""
+    grid_h, grid_w = attention.shape
+    width, height = image_size
+    xs, ys = np.linspace(0, width, grid_w + 1), np.linspace(0, height, grid_h + 1)
+    overlap_x = np.clip(np.minimum(xs[1:], bbox[2]) - np.maximum(xs[:-1], bbox[0]), 0, None)
+    overlap_y = np.clip(np.minimum(ys[1:], bbox[3]) - np.maximum(ys[:-1], bbox[1]), 0, None)
+    inside = np.outer(overlap_y, overlap_x)
+    outside = np.outer(np.diff(ys), np.diff(xs)) - inside
+    if inside.sum() <= 0 or outside.sum() <= 0:
+        raise ValueError(f"box {list(bbox)} must cover part, but not all, of the {width}x{height} image")
+    return float((attention * inside).sum() / inside.sum() / ((attention * outside).sum() / outside.sum()))

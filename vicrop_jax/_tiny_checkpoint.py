@@ -1,8 +1,8 @@
-"""A tiny random LLaVA checkpoint in Hugging Face format, written without torch or transformers.
+"""Small LLaVA checkpoints in Hugging Face format, written without torch or transformers.
 
-Until the project ships a trained embedded model, the demo runs on this one: the whole path of a
-real checkpoint (config.json, safetensors, tokenizer.json, preprocessor_config.json, conversion
-tables, preprocessing, jitted decoding) is exercised, but its answers mean nothing.
+The embedded model's training script (`benchmarks/synthetic/train.py`) writes vicrop-tiny with these,
+and the tests build their word-level tokenizers with them. The folders hold what a real checkpoint
+holds (config.json, safetensors, tokenizer.json, preprocessor_config.json) and transformers loads them.
 """
 
 from __future__ import annotations
@@ -20,17 +20,15 @@ from weights_conversion.safetensors_io import write_checkpoint
 from weights_conversion.tables import llava_table
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
-DEMO_WORDS = (
-    "USER ASSISTANT : . , ? Answer the question using a single word or phrase What is color of shape "
-    "Write general description image red green blue yellow black white circle square triangle star "
-    "small large left right top bottom yes no one two three four five six seven eight nine zero"
-).split()
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def demo_hf_config(image_size: int = 112, width: int = 64, vocab_size: int = 96) -> dict:
+def llava_hf_config(image_size: int = 112, width: int = 64, vocab_size: int = 96, *, vision_width: int | None = None,
+                   vision_layers: int = 3, text_layers: int = 3, num_heads: int = 4, num_kv_heads: int = 2,
+                   intermediate_factor: int = 2, vision_feature_layer: int = -2) -> dict:
     """A LLaVA-1.5-shaped config dict, as transformers writes it, at toy size."""
+    vision_width = vision_width or width
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
@@ -38,19 +36,20 @@ def demo_hf_config(image_size: int = 112, width: int = 64, vocab_size: int = 96)
         "image_seq_length": (image_size // 14) ** 2,
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": True,
-        "vision_feature_layer": -2,
+        "vision_feature_layer": vision_feature_layer,
         "vision_feature_select_strategy": "default",
         "tie_word_embeddings": False,
         "dtype": "float32",
         "vision_config": {
-            "model_type": "clip_vision_model", "hidden_act": "quick_gelu", "hidden_size": width,
-            "intermediate_size": 2 * width, "num_hidden_layers": 3, "num_attention_heads": 4,
-            "image_size": image_size, "patch_size": 14, "num_channels": 3, "layer_norm_eps": 1e-5,
-            "projection_dim": width,
+            "model_type": "clip_vision_model", "hidden_act": "quick_gelu", "hidden_size": vision_width,
+            "intermediate_size": intermediate_factor * vision_width, "num_hidden_layers": vision_layers,
+            "num_attention_heads": num_heads, "image_size": image_size, "patch_size": 14, "num_channels": 3,
+            "layer_norm_eps": 1e-5, "projection_dim": vision_width,
         },
         "text_config": {
-            "model_type": "llama", "hidden_act": "silu", "hidden_size": width, "intermediate_size": 2 * width,
-            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": width // 4,
+            "model_type": "llama", "hidden_act": "silu", "hidden_size": width,
+            "intermediate_size": intermediate_factor * width, "num_hidden_layers": text_layers,
+            "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": width // num_heads,
             "vocab_size": vocab_size, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "bos_token_id": 1,
             "eos_token_id": 2, "pad_token_id": 4, "tie_word_embeddings": False, "attention_bias": False,
@@ -79,18 +78,14 @@ def write_word_tokenizer(folder: Path, words: list[str], vocab_size: int) -> Non
     }, indent=2))
 
 
-def write_tiny_random_llava(folder: str | Path, seed: int = 0) -> Path:
-    """Write a random-weight LLaVA checkpoint folder that transformers and vicrop_jax both load."""
+def write_llava_checkpoint(folder: str | Path, hf_config: dict, params, words: list[str]) -> Path:
+    """Params of `Llava` as a Hugging Face LLaVA folder (config, safetensors, word tokenizer, CLIP processor)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    hf_config = demo_hf_config()
     config = LlavaConfig.from_hf_config(hf_config)
-    ids = np.full((1, config.tokens_per_image + 1), config.image_token_id, np.int32)
-    pixels = np.zeros((1, 1, config.image_size, config.image_size, 3), np.float32)
-    params = Llava(config).init(jax.random.PRNGKey(seed), ids, pixels)["params"]
     write_checkpoint(flax_to_hf(llava_table(config), params), folder)
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
-    write_word_tokenizer(folder, DEMO_WORDS, config.text.vocab_size)
+    write_word_tokenizer(folder, words, config.text.vocab_size)
     size = config.image_size
     (folder / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
@@ -99,3 +94,11 @@ def write_tiny_random_llava(folder: str | Path, seed: int = 0) -> Path:
         "image_std": list(CLIP_STD), "do_convert_rgb": True,
     }, indent=2))
     return folder
+
+
+def init_llava_params(hf_config: dict, seed: int):
+    """Fresh Flax parameters of the LLaVA described by `hf_config`."""
+    config = LlavaConfig.from_hf_config(hf_config)
+    ids = np.full((1, config.tokens_per_image + 1), config.image_token_id, np.int32)
+    pixels = np.zeros((1, 1, config.image_size, config.image_size, 3), np.float32)
+    return Llava(config).init(jax.random.PRNGKey(seed), ids, pixels)["params"]

@@ -1,0 +1,147 @@
+"""The embedded model vicrop-tiny, the synthetic data it was trained on, and the scripts that made it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration
+
+import vicrop_jax
+from vicrop_jax._generation import pixel_values, prompt_ids
+from vicrop_jax._loading import checkpoint_folder
+from vicrop_jax.cli import DEMO_INDEX, DEMO_SEED
+from vicrop_jax.cli import main as cli_main
+from vicrop_jax.evaluation.datasets import read_dataset
+from vicrop_jax.evaluation.metrics import attention_ratio
+from vicrop_jax.prompts import llava_prompt
+from vicrop_jax.synthetic import BOX_COLOURS, RELATIVE_BOX_SIDES, SHAPES, make_record, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+HELD_OUT_SEED = 1
+
+
+@pytest.fixture(scope="module")
+def model():
+    return vicrop_jax.load("vicrop-tiny")
+
+
+def test_records_are_reproducible_and_seeds_differ():
+    first, again, other = make_record(1, 7), make_record(1, 7), make_record(2, 7)
+    assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
+    assert (first.question, first.answer, first.bbox) == (again.question, again.answer, again.bbox)
+    assert first.image.size != other.image.size or not np.array_equal(np.asarray(first.image), np.asarray(other.image))
+
+
+def test_records_hold_a_red_box_around_the_answer_at_spread_sizes():
+    records = [make_record(HELD_OUT_SEED, i) for i in range(60)]
+    for record in records:
+        x1, y1, x2, y2 = record.bbox
+        pixels = np.asarray(record.image)
+        assert tuple(pixels[y1, (x1 + x2) // 2]) == BOX_COLOURS["red"]
+        assert record.answer in SHAPES and record.question == "What shape is in the red box?"
+        assert 0 <= x1 < x2 <= record.image.width and 0 <= y1 < y2 <= record.image.height
+    sizes = [r.relative_size for r in records]
+    assert min(sizes) < 0.06 and max(sizes) > 0.2 and RELATIVE_BOX_SIDES[0] - 0.01 < min(sizes)
+
+
+def test_written_dataset_is_in_the_spec_format(tmp_path):
+    path = write_dataset(tmp_path, seed=5, count=3)
+    records = read_dataset(path)
+    for index, record in enumerate(records):
+        expected = make_record(5, index)
+        assert record.labels == (expected.answer,) and tuple(record.bbox) == expected.bbox
+        assert Image.open(tmp_path / "images" / record.image_path).size == expected.image.size
+
+
+def test_embedded_model_loads_by_name_and_fits_the_wheel(model):
+    folder = checkpoint_folder("vicrop-tiny")
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 25e6
+    assert model.kind == "llava" and model.config.image_size == 112 and model.path == folder
+
+
+def test_embedded_model_matches_transformers(model):
+    record = make_record(HELD_OUT_SEED, 0)
+    ids = np.array([prompt_ids(model, llava_prompt(record.question), 1)])
+    pixels = pixel_values(model, [record.image])
+    ours = np.asarray(model.module.apply({"params": model.params}, ids, pixels[None]))
+    reference = LlavaForConditionalGeneration.from_pretrained(model.path, attn_implementation="eager").eval()
+    torch_pixels = torch.tensor(pixels.transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        logits = reference(input_ids=torch.tensor(ids), pixel_values=torch_pixels).logits.numpy()
+        generated = reference.generate(input_ids=torch.tensor(ids), pixel_values=torch_pixels, max_new_tokens=5,
+                                       do_sample=False)[0, ids.shape[1]:]
+    np.testing.assert_allclose(ours, logits, atol=1e-4, rtol=0)
+    text = vicrop_jax.generate(model, record.image, llava_prompt(record.question), max_new_tokens=5)
+    assert text == model.tokenizer.decode(generated.tolist())
+
+
+def test_embedded_model_reads_large_shapes_and_vicrop_recovers_small_ones(model):
+    records = [make_record(HELD_OUT_SEED, i) for i in range(48)]
+    answers = vicrop_jax.answer_batch(model, [r.image for r in records], [r.question for r in records], "rel_att")
+    large = [a.original_answer == r.answer for a, r in zip(answers, records) if r.relative_size > 0.15]
+    small = [(a.original_answer == r.answer, a.answer == r.answer)
+             for a, r in zip(answers, records) if r.relative_size < 0.07]
+    assert len(large) >= 10 and np.mean(large) >= 0.8
+    without, with_crop = np.mean(small, axis=0)
+    assert len(small) >= 10 and with_crop >= without + 0.15
+
+
+def test_demo_answers_a_generated_question_without_and_with_vicrop(model, tmp_path, capsys):
+    assert cli_main(["demo", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    record = make_record(DEMO_SEED, DEMO_INDEX)
+    left, top, right, bottom = vicrop_jax.answer(model, record.image, record.question, "rel_att").bbox
+    assert left <= record.bbox[0] and top <= record.bbox[1] and record.bbox[2] <= right and record.bbox[3] <= bottom
+    assert f"true answer:          {record.answer!r}" in printed
+    assert f"answer with ViCrop:   {record.answer!r}" in printed and "answer without crop:" in printed
+    assert Image.open(tmp_path / "demo_map.png").size == record.image.size
+
+
+def test_attention_ratio_weights_cells_by_their_overlap_with_the_box():
+    attention = np.ones((8, 8))
+    assert attention_ratio(attention, (13, 7, 50, 61), (80, 80)) == pytest.approx(1.0)
+    attention[0, 0] = 5.0
+    assert attention_ratio(attention, (0, 0, 10, 10), (80, 80)) == pytest.approx(5.0)
+    outside = (50 * 5.0 + 6300 * 1.0) / 6350  # the other half of the cell, and the 63 cells of 100 px
+    assert attention_ratio(attention, (0, 0, 5, 10), (80, 80)) == pytest.approx(5.0 / outside)
+    with pytest.raises(ValueError, match="must cover part"):
+        attention_ratio(attention, (0, 0, 80, 80), (80, 80))
+
+
+def test_training_script_writes_a_checkpoint_that_loads_and_differs_from_its_start(tmp_path):
+    out = tmp_path / "trained"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/synthetic/train.py"), "--out", str(out), "--steps", "2",
+         "--batch-size", "2", "--log-every", "2", "--calibration-scenes", "3"], capture_output=True, text=True,
+        check=True,
+    )
+    assert "step 2" in result.stdout and "wrote" in result.stdout
+    trained = vicrop_jax.load(out)
+    assert 0 <= trained.config.map_layer < trained.config.text.num_layers
+    sys.path.insert(0, str(ROOT / "benchmarks/synthetic"))
+    from train import model_hf_config
+    from vicrop_jax._tiny_checkpoint import init_llava_params
+
+    start = init_llava_params(model_hf_config(), seed=0)
+    assert not np.allclose(trained.params["multi_modal_projector"]["linear_1"]["kernel"],
+                           start["multi_modal_projector"]["linear_1"]["kernel"])
+
+
+def test_evaluation_script_reports_terciles_methods_and_attention_ratios(tmp_path):
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/synthetic/evaluate.py"), "--count", "6", "--out", str(tmp_path),
+         "--methods", "none", "gt", "rel_att", "--batch-size", "6"], capture_output=True, text=True, check=True,
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["questions"] == 6 and set(summary["accuracy"]) == {"none", "gt", "rel_att"}
+    assert set(summary["accuracy_by_tercile"]["gt"]) == {"tercile 1", "tercile 2", "tercile 3"}
+    ratios = summary["attention_ratio"]
+    assert ratios["correct"]["count"] + ratios["wrong"]["count"] == 6
+    assert len((tmp_path / "none.jsonl").read_text().splitlines()) == 6
