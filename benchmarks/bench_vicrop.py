@@ -72,6 +72,12 @@ def workload(name: str, count: int) -> tuple[list, list[str]]:
     return [cluttered_scene(i) for i in range(count)], (QUESTIONS * count)[:count]
 
 
+def map_layer(folder: Path) -> int:
+    """The checkpoint's own map layer (vicrop-tiny names one), else vicrop_jax's default for its depth."""
+    config = json.loads((folder / "config.json").read_text())
+    return config.get("vicrop_attention_layer", min(14, config["text_config"]["num_hidden_layers"] // 2))
+
+
 def load_reference(folder: Path):
     import torch
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, PreTrainedTokenizerFast
@@ -82,7 +88,8 @@ def load_reference(folder: Path):
 
 
 def per_question(fn, images, questions) -> float:
-    fn(images[0], questions[0])  # warm-up (compilation for JAX, allocator for torch)
+    for image, question in zip(images, questions):  # warm-up: JAX compiles each size bucket, torch's allocator
+        fn(image, question)
     start = time.perf_counter()
     for image, question in zip(images, questions):
         fn(image, question)
@@ -95,7 +102,7 @@ def timings(name: str, folder: Path, count: int) -> dict:
 
     images, questions = workload(name, count)
     model = vicrop_jax.load(folder)
-    layer = min(14, model.config.text.num_layers // 2)
+    layer = map_layer(folder)
     ours = {m: per_question(lambda i, q: vicrop_jax.answer(model, i, q, m, layer=layer), images, questions)
             for m in ("none",) + METHODS}
     reference = load_reference(folder)
@@ -108,12 +115,13 @@ def throughput(name: str, folder: Path, batches: list[int]) -> dict:
     import vicrop_jax
 
     model = vicrop_jax.load(folder)
-    layer = min(14, model.config.text.num_layers // 2)
+    layer = map_layer(folder)
     out = {}
     for batch in batches:
         count = max(batch, 8)
         images, questions = workload(name, count)
-        vicrop_jax.answer_batch(model, images[:batch], questions[:batch], "rel_att", batch_size=batch, layer=layer)
+        # the warm-up compiles every shape bucket the timed run meets (the scenes' sizes differ)
+        vicrop_jax.answer_batch(model, images, questions, "rel_att", batch_size=batch, layer=layer)
         start = time.perf_counter()
         vicrop_jax.answer_batch(model, images, questions, "rel_att", batch_size=batch, layer=layer)
         out[batch] = count / (time.perf_counter() - start)
@@ -132,14 +140,14 @@ def memory_probe(framework: str, name: str, folder: str, method: str) -> None:
         import vicrop_jax
 
         model = vicrop_jax.load(folder)
-        layer = min(14, model.config.text.num_layers // 2)
+        layer = map_layer(Path(folder))
         run = lambda: vicrop_jax.importance_map(model, image, question, method, layer=layer)  # noqa: E731
     else:
         import torch_reference
         from vicrop_jax.prompts import GENERAL_QUESTION
 
         model, tokenizer, processor = load_reference(Path(folder))
-        layer = min(14, model.config.text_config.num_hidden_layers // 2)
+        layer = map_layer(Path(folder))
         pixels = processor(image, return_tensors="pt")["pixel_values"]
         ids = torch_reference.llava_prompt_ids(model, tokenizer, question, 1)
         general = torch_reference.llava_prompt_ids(model, tokenizer, GENERAL_QUESTION, 1)
