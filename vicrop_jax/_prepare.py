@@ -42,7 +42,7 @@ def map_options(
     general_question: str = GENERAL_QUESTION,
 ) -> MapOptions:
     """Validated map options. The default layer is the checkpoint's own where its config names one
-    (`vicrop_attention_layer`, chosen by an attention-ratio analysis as the paper chose its layers), else the
+    (`vicrop_attention_layer`, chosen by where its attention falls, as the paper chose its layers), else the
     paper's (14 LLaVA, 15 InstructBLIP), or the middle layer of a model too shallow to have it."""
     if layer is None:
         layer = model.config.map_layer
