@@ -53,28 +53,24 @@ def attention_maps(model, scenes: list[tuple], layer: int | None = None) -> list
     return out
 
 
-def attention_ratios(model, scenes: list[tuple], layer: int | None = None) -> list[float]:
-    """Attention ratio on the answer box of each scene."""
-    layer_maps = attention_maps(model, scenes, layer)
-    return [attention_ratio(a, bbox, image.size) for a, (image, _, bbox) in zip(layer_maps, scenes)]
+def layer_analysis(model, scenes: list[tuple]) -> dict[str, list[list]]:
+    """Per LM layer and scene, from one attention map each: the attention ratio on the answer box (the
+    paper's analysis), and whether ViCrop's box selection on that map gives a crop holding the answer
+    box's centre (what a map is used for)."""
+    ratios, hits = [], []
+    for layer in range(model.config.text.num_layers):
+        ratios.append([])
+        hits.append([])
+        for attention, (image, _, bbox) in zip(attention_maps(model, scenes, layer), scenes):
+            ratios[-1].append(attention_ratio(attention, bbox, image.size))
+            left, top, right, bottom = select_bbox(attention, image.size, model.config.image_size)
+            hits[-1].append(left <= (bbox[0] + bbox[2]) / 2 <= right and top <= (bbox[1] + bbox[3]) / 2 <= bottom)
+    return {"attention_ratios": ratios, "box_hits": hits}
 
 
-def box_hits(model, scenes: list[tuple], layer: int) -> list[bool]:
-    """Whether the crop box that ViCrop's box selection takes from the attention map holds the answer box's
-    centre: what a map is used for."""
-    hits = []
-    for attention, (image, _, bbox) in zip(attention_maps(model, scenes, layer), scenes):
-        left, top, right, bottom = select_bbox(attention, image.size, model.config.image_size)
-        hits.append(left <= (bbox[0] + bbox[2]) / 2 <= right and top <= (bbox[1] + bbox[3]) / 2 <= bottom)
-    return hits
-
-
-def layer_analysis(model, scenes: list[tuple]) -> dict[str, list[float]]:
-    """Per LM layer: median attention ratio (the paper's analysis) and how often the attention map's crop box
-    holds the answer."""
-    layers = range(model.config.text.num_layers)
-    return {"median_attention_ratio": [float(np.median(attention_ratios(model, scenes, l))) for l in layers],
-            "box_hit_rate": [float(np.mean(box_hits(model, scenes, l))) for l in layers]}
+def by_layer(analysis: dict[str, list[list]]) -> dict[str, list[float]]:
+    return {"median_attention_ratio": [float(np.median(r)) for r in analysis["attention_ratios"]],
+            "box_hit_rate": [float(np.mean(h)) for h in analysis["box_hits"]]}
 
 
 def load_scenes(records: list[dict], images: Path) -> list[tuple]:
@@ -85,7 +81,7 @@ def percent(values) -> float:
     return round(100 * float(np.mean(values)), 1) if len(values) else float("nan")
 
 
-def summarize(results: dict[str, list[dict]], ratios: dict[str, float], layer: int, by_layer: dict) -> dict:
+def summarize(results: dict[str, list[dict]], ratios: dict[str, float], layer: int, layers: dict) -> dict:
     none = results["none"]
     edges = tercile_edges([line["area_fraction"] for line in none])
     band = {line["id"]: tercile(line["area_fraction"], edges) for line in none}
@@ -104,7 +100,7 @@ def summarize(results: dict[str, list[dict]], ratios: dict[str, float], layer: i
         "accuracy": {method: percent([l["crop_correct"] for l in lines]) for method, lines in results.items()},
         "accuracy_by_tercile": by_tercile,
         "attention_ratio": {"layer": layer, "correct": describe(right), "wrong": describe(wrong)},
-        "by_layer": by_layer,
+        "by_layer": layers,
     }
 
 
@@ -152,8 +148,10 @@ def main() -> None:
         raise SystemExit("--methods must include none: the terciles and attention ratios are defined on it")
     model = vicrop_jax.load(args.model)
     scenes = load_scenes(records, data / "images")
-    ratios = dict(zip([r["id"] for r in records], attention_ratios(model, scenes)))
-    summary = summarize(results, ratios, map_options(model, "rel_att").layer, layer_analysis(model, scenes))
+    layer = map_options(model, "rel_att").layer
+    analysis = layer_analysis(model, scenes)
+    ratios = dict(zip([r["id"] for r in records], analysis["attention_ratios"][layer]))
+    summary = summarize(results, ratios, layer, by_layer(analysis))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(markdown(summary) + "\n")
     print(markdown(summary))

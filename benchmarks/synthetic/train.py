@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 import vicrop_jax
-from evaluate import layer_analysis
+from evaluate import by_layer, layer_analysis
 from vicrop_jax._config import MAP_LAYER_KEY
 from vicrop_jax._tiny_checkpoint import llava_hf_config, init_llava_params, write_llava_checkpoint
 from vicrop_jax._tokenizer import Tokenizer
@@ -135,7 +135,7 @@ def choose_map_layer(folder, count: int) -> None:
     """Name in config.json the LM layer whose attention leads ViCrop's box selection to the answer most
     often on calibration scenes, as the paper chose layer 14 of LLaVA-1.5 by where attention falls."""
     records = [make_record(CALIBRATION_SEED, i) for i in range(count)]
-    analysis = layer_analysis(vicrop_jax.load(folder), [(r.image, r.question, r.bbox) for r in records])
+    analysis = by_layer(layer_analysis(vicrop_jax.load(folder), [(r.image, r.question, r.bbox) for r in records]))
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config[MAP_LAYER_KEY] = int(np.argmax(analysis["box_hit_rate"]))
