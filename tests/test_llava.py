@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import vicrop_jax
-from vicrop_jax._generation import generate_ids, pixel_values, prompt_ids
+from vicrop_jax._generation import encode_images, generate_ids, pixel_values, prompt_ids
+from vicrop_jax.decoding import PAD_TOKEN, greedy_generate, pad_prompt
 from vicrop_jax.llama import KVCache
 from vicrop_jax.prompts import llava_prompt
 from tiny_models import IMAGE_TOKEN_ID, llava_config, make_tokenizer, save_llava
@@ -81,6 +82,30 @@ def test_greedy_generation_is_token_identical(pair, num_images):
         )[0, len(ids):].tolist()
     assert len(ours) > 1
     assert ours == theirs
+
+
+def test_answers_decoded_together_stop_at_their_own_eos(pair):
+    """Prompts of different lengths share one decoding loop; each answer is what it is decoded alone, up to
+    and including its own EOS, and padding after it, while the other goes on."""
+    model, _ = pair
+    prompts = [prompt_ids(model, llava_prompt(question), 1) for question in (QUESTION, "how many ?")]
+    ids = np.stack([pad_prompt(p, bucket=max(map(len, prompts)))[0] for p in prompts])
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    features = np.asarray(encode_images(model.module, model.params, random_pixels(model, 2, seed=2)))
+
+    def generate(rows, eos_ids):
+        return np.asarray(greedy_generate(model.module, model.params, ids[rows], lengths[rows], features[rows],
+                                          max_new_tokens=12, eos_ids=eos_ids))
+
+    free = generate([0, 1], ())
+    # an EOS that the first answer meets before the last step and the second one not by then
+    eos = next(int(token) for step, token in enumerate(free[0][1:-1], 1)
+               if token not in free[0][:step] and token not in free[1][: step + 2])
+    together = generate([0, 1], (eos,))
+    np.testing.assert_array_equal(together, np.concatenate([generate([0], (eos,)), generate([1], (eos,))]))
+    stop = list(together[0]).index(eos)
+    assert (together[0, stop + 1:] == PAD_TOKEN).all()
+    assert (together[1, : stop + 2] != PAD_TOKEN).all()
 
 
 def test_prompt_tokenization_matches_transformers(pair):

@@ -15,16 +15,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.decoding import decode_from
 from vicrop_jax.llama import ATTENTION_PROBS, KVCache
 from vicrop_jax.maps import MapOptions, PromptArrays, _head_mean, _score, _sown
 
 
 def prefill_prefix(module, params, features: jax.Array, prefix_ids: jax.Array, cache_length: int) -> KVCache:
-    """The prefix (ids [P0] with image tokens, features [P,D]) written into a fresh cache of S slots."""
+    """The prefix (ids [P0] with image tokens, features [P,D]) in a fresh cache of S slots (prefilled in a
+    cache of its own length, then padded: its attention spans no empty slots)."""
     embeds = module.apply({"params": params}, prefix_ids[None], features[None], method="embed")
-    cache = KVCache.zeros(module.config.text, 1, cache_length, module.dtype)
-    return module.apply({"params": params}, embeds, cache, 0, method="decode")[1]
+    cache = KVCache.zeros(module.config.text, 1, prefix_ids.shape[0], module.dtype)
+    return module.apply({"params": params}, embeds, cache, 0, method="decode")[1].padded(cache_length)
 
 
 def suffix_pass(module, variables, cache: KVCache, prefix_length: int, suffix_ids, suffix_length, features,
@@ -91,17 +91,16 @@ def prefix_map(module, params, features, cache: KVCache, prefix_length: int, que
     return image_row(module, weighted, length, prefix_length, options.heads), logits, new_cache
 
 
-def prefix_answers(module, params, features, crop_features, cache: KVCache, prefix_length: int,
-                   crop_prompt: PromptArrays, original_prompt: PromptArrays, question_pass, max_new_tokens: int,
-                   eos_ids):
-    """Both answers from the cached prefix: with the crop (its tokens + text as the suffix), and without
-    (from the map's question pass when given, else from its own suffix pass)."""
+def prefix_answer_passes(module, params, features, crop_features, cache: KVCache, prefix_length: int,
+                         crop_prompt: PromptArrays, original_prompt: PromptArrays, question_pass):
+    """The prefills of both answers from the cached prefix -> (first logits [2,V], caches [2], lengths [2]):
+    with the crop (its tokens + text as the suffix), and without (the map's question pass when given, else
+    its own suffix pass)."""
     variables = {"params": params}
     ids, length = _split(crop_prompt, prefix_length)
     crop_pass, _ = suffix_pass(module, variables, cache, prefix_length, ids, length, crop_features)
     if question_pass is None:
         ids, length = _split(original_prompt, prefix_length)
         question_pass, _ = suffix_pass(module, variables, cache, prefix_length, ids, length, features)
-    with_crop = decode_from(module, params, *crop_pass, crop_prompt.length, max_new_tokens, eos_ids)
-    original = decode_from(module, params, *question_pass, original_prompt.length, max_new_tokens, eos_ids)
-    return with_crop, original
+    logits, caches = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), crop_pass, question_pass)
+    return logits, caches, jnp.stack([crop_prompt.length, original_prompt.length])

@@ -27,9 +27,9 @@ from vicrop_jax.boxes import (
     center_box, crop_and_resize_jax, grow_box, random_box, select_bbox, select_bbox_jax, stitch_maps, tile_boxes,
     tile_grid,
 )
-from vicrop_jax.decoding import generate_one, strip_generated
+from vicrop_jax.decoding import decode_from, prefill, strip_generated
 from vicrop_jax.maps import MapOptions, PromptArrays, device_map, high_pass_mask
-from vicrop_jax._prefix import prefill_prefix, prefix_answers, prefix_map
+from vicrop_jax._prefix import prefill_prefix, prefix_answer_passes, prefix_map
 from vicrop_jax.preprocessing import load_image
 
 MAP_METHODS = ("rel_att", "grad_att", "pure_grad")
@@ -94,17 +94,44 @@ def _crop_pixels(model_static, image, image_size, box, dtype):
     return _normalize_crop(crop, normalization).astype(dtype)
 
 
-def _crop_and_answer(model_static, params, pixels, image, image_size, box, crop_prompt, original_prompt,
-                     max_new_tokens):
-    """Device program: crop the box, encode original + crop, decode both answers."""
-    module, eos_ids = model_static[0], model_static[3]
+def _stack_passes(*passes):
+    """(logits [V], cache) pairs -> (logits [n,V], caches stacked on a leading axis [n])."""
+    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *passes)
+
+
+def _crop_passes(model_static, params, pixels, image, image_size, box, crop_prompt, original_prompt,
+                 max_new_tokens):
+    """Crop the box, encode original + crop, prefill both prompts -> (first logits [2,V], caches [2], lengths [2])
+    of the answer with the crop and of the original answer, ready for `decode_from`."""
+    module = model_static[0]
     crop_pixels = _crop_pixels(model_static, image, image_size, box, pixels.dtype)
     features = _encode_pair(module, params, pixels, crop_pixels, crop_prompt)
-    with_crop = generate_one(module, params, crop_prompt.ids, crop_prompt.length,
-                             features.reshape(-1, features.shape[-1]), max_new_tokens, eos_ids)
-    original = generate_one(module, params, original_prompt.ids, original_prompt.length, features[0],
-                            max_new_tokens, eos_ids)
-    return with_crop, original
+    cache_length = crop_prompt.ids.shape[0] + max_new_tokens
+    logits, caches = _stack_passes(
+        prefill(module, params, crop_prompt.ids, crop_prompt.length, features.reshape(-1, features.shape[-1]),
+                cache_length),
+        prefill(module, params, original_prompt.ids, original_prompt.length, features[0], cache_length),
+    )
+    return logits, caches, jnp.stack([crop_prompt.length, original_prompt.length])
+
+
+def _decode_answers(model_static, params, logits, caches, lengths, max_new_tokens):
+    """Answer passes with any leading axes [..., 2] -> tokens of the answers with the crop and without
+    [..., max_new_tokens] each: one decoding loop for all of them (a loop inside vmap would copy its caches)."""
+    module, eos_ids = model_static[0], model_static[3]
+    lead = lengths.shape
+    flat = lambda a: a.reshape(-1, *a.shape[len(lead):])  # noqa: E731
+    tokens = decode_from(module, params, flat(logits), jax.tree_util.tree_map(flat, caches), flat(lengths),
+                         max_new_tokens, eos_ids).reshape(*lead, max_new_tokens)
+    return tokens[..., 0, :], tokens[..., 1, :]
+
+
+def _crop_and_answer(model_static, params, pixels, image, image_size, box, crop_prompt, original_prompt,
+                     max_new_tokens):
+    """Device program: crop the box, encode original + crop, both answers."""
+    passes = _crop_passes(model_static, params, pixels, image, image_size, box, crop_prompt, original_prompt,
+                          max_new_tokens)
+    return _decode_answers(model_static, params, *passes, max_new_tokens)
 
 
 def uses_prefix_cache(kind: str, options: MapOptions) -> bool:
@@ -112,10 +139,10 @@ def uses_prefix_cache(kind: str, options: MapOptions) -> bool:
     return kind == "llava" and options.method in ("rel_att", "grad_att")
 
 
-def _prefix_pipeline_one(model_static, params, pixels, image, image_size, question, general, crop_prompt,
-                         original_prompt, *, options: MapOptions, max_new_tokens: int, reuse_question_pass: bool):
-    """The LLaVA attention-map pipeline from one prefix prefill (see `_prefix.py`)."""
-    module, eos_ids, prefix_length = model_static[0], model_static[3], model_static[4]
+def _prefix_passes_one(model_static, params, pixels, image, image_size, question, general, crop_prompt,
+                       original_prompt, *, options: MapOptions, max_new_tokens: int, reuse_question_pass: bool):
+    """The LLaVA attention-map pipeline up to the answers' decoding, from one prefix prefill (see `_prefix.py`)."""
+    module, prefix_length = model_static[0], model_static[4]
     features = encode_images(module, params, pixels[None])[0]
     cache = prefill_prefix(module, params, features, question.ids[:prefix_length],
                            crop_prompt.ids.shape[0] + max_new_tokens)
@@ -125,37 +152,47 @@ def _prefix_pipeline_one(model_static, params, pixels, image, image_size, questi
     crop_features = encode_images(module, params, _crop_pixels(model_static, image, image_size, box,
                                                                pixels.dtype)[None])[0]
     question_pass = (logits, question_cache) if reuse_question_pass else None
-    answers = prefix_answers(module, params, features, crop_features, cache, prefix_length, crop_prompt,
-                             original_prompt, question_pass, max_new_tokens, eos_ids)
-    return importance, box, *answers
+    passes = prefix_answer_passes(module, params, features, crop_features, cache, prefix_length, crop_prompt,
+                                  original_prompt, question_pass)
+    return importance, box, passes
 
 
-def _pipeline_one(model_static, params, pixels, image, image_size, question, general, high_pass, crop_prompt,
-                  original_prompt, *, options: MapOptions, max_new_tokens: int, reuse_question_pass: bool):
-    """map -> box -> crop -> answers for one record, as traced device code."""
+def _passes_one(model_static, params, pixels, image, image_size, question, general, high_pass, crop_prompt,
+                original_prompt, *, options: MapOptions, max_new_tokens: int, reuse_question_pass: bool):
+    """map -> box -> crop -> the answers' prefills for one record, as traced device code."""
     module = model_static[0]
     if uses_prefix_cache(model_static[1], options):
-        return _prefix_pipeline_one(model_static, params, pixels, image, image_size, question, general, crop_prompt,
-                                    original_prompt, options=options, max_new_tokens=max_new_tokens,
-                                    reuse_question_pass=reuse_question_pass)
+        return _prefix_passes_one(model_static, params, pixels, image, image_size, question, general, crop_prompt,
+                                  original_prompt, options=options, max_new_tokens=max_new_tokens,
+                                  reuse_question_pass=reuse_question_pass)
     importance = device_map(module, params, pixels, question, general, high_pass, options)
     box = select_bbox_jax(importance, image_size, module.config.image_size)
-    answers = _crop_and_answer(model_static, params, pixels, image, image_size, box, crop_prompt,
-                               original_prompt, max_new_tokens)
-    return importance, box, *answers
+    passes = _crop_passes(model_static, params, pixels, image, image_size, box, crop_prompt, original_prompt,
+                          max_new_tokens)
+    return importance, box, passes
 
 
 _STATIC = ("model_static", "options", "max_new_tokens", "reuse_question_pass")
-_pipeline = jax.jit(_pipeline_one, static_argnames=_STATIC)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _pipeline(model_static, params, *record, options: MapOptions, max_new_tokens: int,
+              reuse_question_pass: bool):
+    """map -> box -> crop -> (map, box, answer with the crop, original answer) for one record."""
+    importance, box, passes = _passes_one(model_static, params, *record, options=options,
+                                          max_new_tokens=max_new_tokens, reuse_question_pass=reuse_question_pass)
+    return importance, box, *_decode_answers(model_static, params, *passes, max_new_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _pipeline_batch(model_static, params, *records, options: MapOptions, max_new_tokens: int,
                     reuse_question_pass: bool):
-    """`_pipeline_one` vmapped over a batch of records (leading axis of every record array)."""
-    one = functools.partial(_pipeline_one, model_static, params, options=options, max_new_tokens=max_new_tokens,
+    """`_pipeline` for a batch of records (leading axis of every record array): everything up to the answers
+    vmapped, then one decoding loop for all 2 x batch answers."""
+    one = functools.partial(_passes_one, model_static, params, options=options, max_new_tokens=max_new_tokens,
                             reuse_question_pass=reuse_question_pass)
-    return jax.vmap(one)(*records)
+    importance, box, passes = jax.vmap(one)(*records)
+    return importance, box, *_decode_answers(model_static, params, *passes, max_new_tokens)
 
 
 _map_jit = jax.jit(device_map, static_argnums=(0,), static_argnames=("options",))

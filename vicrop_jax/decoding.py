@@ -2,7 +2,9 @@
 
 Works with any composite model that has `embed`, `decode` and `logits` methods (LLaVA and
 InstructBLIP). Prompts are right-padded to a length bucket, so a new question of similar
-length reuses the compiled program. Each example runs with its own cache offset under `vmap`.
+length reuses the compiled program. A prompt is prefilled in a cache of its own length (its
+attention spans no empty slots), then padded for the answer. Several prompts decode in one
+loop, each at its own cache offset: the step is vmapped, the loop is not.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from vicrop_jax.llama import KVCache
 
-BUCKET = 64
+BUCKET = 32  # padding of a prompt: small enough to waste little work, large enough for few compiles
 PAD_TOKEN = -1
 
 
@@ -34,34 +36,45 @@ def pad_prompt(input_ids: Sequence[int], pad_id: int = 0, bucket: int = BUCKET) 
 
 
 def prefill(module: nn.Module, params: Any, input_ids, length, image_features, cache_length: int):
-    """Run one prompt [T] into a fresh cache; returns (hidden at the last prompt token [D], cache)."""
+    """Run one prompt [T] into a fresh cache of S slots; returns (logits of its last token [V], cache)."""
     embeds = module.apply({"params": params}, input_ids[None], image_features[None], method="embed")
-    cache = KVCache.zeros(module.config.text, 1, cache_length, module.dtype)
+    cache = KVCache.zeros(module.config.text, 1, input_ids.shape[0], module.dtype)
     hidden, cache = module.apply({"params": params}, embeds, cache, 0, method="decode")
-    return hidden[0, length - 1], cache
+    logits = module.apply({"params": params}, hidden[0, length - 1], method="logits")
+    return logits, cache.padded(cache_length)
 
 
-def decode_from(module, params, first_logits, cache, length, max_new_tokens: int, eos_ids: tuple[int, ...]):
-    """Greedy tokens [max_new_tokens] starting from the logits of the last prompt token.
+def decode_from(module, params, first_logits, caches: KVCache, lengths, max_new_tokens: int,
+                eos_ids: tuple[int, ...]):
+    """Greedy tokens [n, max_new_tokens] of n prefilled prompts: the logits of their last tokens [n, V], their
+    caches stacked on a leading axis [n], their lengths [n].
 
-    Stops at the first EOS (kept in the output, as transformers does); later slots hold PAD_TOKEN.
+    One loop for all prompts (it runs until each has met an EOS or the limit): every step reads the weights
+    once for all of them, and the carry is updated in place (a vmapped loop would copy every cache per step).
+    Each answer stops at its first EOS (kept, as transformers does); later slots hold PAD_TOKEN.
     """
     eos = jnp.asarray(eos_ids if eos_ids else (-2,), jnp.int32)
 
+    def step_one(token, cache, position):
+        embeds = module.apply({"params": params}, token[None, None], method="embed_tokens")
+        hidden, cache = module.apply({"params": params}, embeds, cache, position, method="decode")
+        logits = module.apply({"params": params}, hidden[0, -1], method="logits")
+        return jnp.argmax(logits).astype(jnp.int32), cache
+
     def cond(state):
         step, _, _, done = state
-        return (step < max_new_tokens) & ~done
+        return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, cache, out, _ = state
-        embeds = module.apply({"params": params}, out[step - 1][None, None], method="embed_tokens")
-        hidden, cache = module.apply({"params": params}, embeds, cache, length + step - 1, method="decode")
-        token = jnp.argmax(module.apply({"params": params}, hidden[0, -1], method="logits")).astype(jnp.int32)
-        return step + 1, cache, out.at[step].set(token), jnp.isin(token, eos)
+        step, caches, out, done = state
+        previous = jnp.maximum(out[:, step - 1], 0)  # a finished answer's PAD_TOKEN: any valid id will do
+        tokens, caches = jax.vmap(step_one)(previous, caches, lengths + step - 1)
+        tokens = jnp.where(done, PAD_TOKEN, tokens)
+        return step + 1, caches, out.at[:, step].set(tokens), done | jnp.isin(tokens, eos)
 
-    first = jnp.argmax(first_logits).astype(jnp.int32)
-    out = jnp.full((max_new_tokens,), PAD_TOKEN, jnp.int32).at[0].set(first)
-    state = (jnp.int32(1), cache, out, jnp.isin(first, eos))
+    first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)
+    out = jnp.full((first.shape[0], max_new_tokens), PAD_TOKEN, jnp.int32).at[:, 0].set(first)
+    state = (jnp.int32(1), caches, out, jnp.isin(first, eos))
     return jax.lax.while_loop(cond, body, state)[2]
 
 
@@ -77,18 +90,12 @@ def greedy_generate(
     eos_ids: tuple[int, ...],
 ) -> jax.Array:
     """input_ids [B,T] right-padded, lengths [B], image_features [B,M,D] -> tokens [B,max_new_tokens]."""
-    one = lambda ids, length, features: generate_one(  # noqa: E731
-        module, params, ids, length, features, max_new_tokens, eos_ids
+    cache_length = input_ids.shape[1] + max_new_tokens
+    first_pass = lambda ids, length, features: prefill(  # noqa: E731
+        module, params, ids, length, features, cache_length
     )
-    return jax.vmap(one)(input_ids, lengths, image_features)
-
-
-def generate_one(module, params, input_ids, length, image_features, max_new_tokens: int, eos_ids):
-    """Greedy tokens [max_new_tokens] of one prompt (ids [T], features [M,D]), as traced device code."""
-    last_hidden, cache = prefill(module, params, input_ids, length, image_features,
-                                 input_ids.shape[0] + max_new_tokens)
-    first_logits = module.apply({"params": params}, last_hidden, method="logits")
-    return decode_from(module, params, first_logits, cache, length, max_new_tokens, eos_ids)
+    logits, caches = jax.vmap(first_pass)(input_ids, lengths, image_features)
+    return decode_from(module, params, logits, caches, lengths, max_new_tokens, eos_ids)
 
 
 def strip_generated(tokens: np.ndarray) -> list[int]:

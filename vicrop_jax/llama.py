@@ -86,20 +86,34 @@ class LlamaConfig:
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys and values, [B, S, K, H] each, S = cache length."""
+    """Per-layer keys [B, K, S, H] and values [B, K, H, S], S = cache length.
+
+    Both attention products then contract the last axis of both operands (q.k over H, p.v over S), the form
+    XLA's CPU matmuls read in place: other layouts cost a transposed copy of the cache per layer and step.
+    """
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
 
     @classmethod
     def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
-        shape = (batch, length, config.num_kv_heads, config.head_dim)
-        empty = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(keys=empty, values=empty)
+        keys = tuple(jnp.zeros((batch, config.num_kv_heads, length, config.head_dim), dtype)
+                     for _ in range(config.num_layers))
+        values = tuple(jnp.zeros((batch, config.num_kv_heads, config.head_dim, length), dtype)
+                       for _ in range(config.num_layers))
+        return cls(keys=keys, values=values)
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[2]
+
+    def padded(self, length: int) -> "KVCache":
+        """The cache with empty slots appended up to `length`: a prompt is prefilled in a cache of its own
+        length, so that its attention spans the slots it fills only, and padded for what comes after it."""
+        extra = length - self.length
+        keys = tuple(jnp.pad(k, ((0, 0), (0, 0), (0, extra), (0, 0))) for k in self.keys)
+        values = tuple(jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, extra))) for v in self.values)
+        return KVCache(keys, values)
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
@@ -167,7 +181,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = dense(c.hidden_size, c.attention_bias)
 
     def __call__(self, x, cos, sin, mask, keys, values, offset, capture: bool):
-        """x [B,T,D]; mask [B,T,S] (True = may attend); keys/values [B,S,K,H] cache written at offset."""
+        """x [B,T,D]; mask [B,T,S] (True = may attend); keys [B,K,S,H] / values [B,K,H,S] written at offset."""
         c = self.config
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
@@ -175,20 +189,22 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         zero = jnp.zeros((), jnp.int32)
-        keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (zero, offset, zero, zero))
-        values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (zero, offset, zero, zero))
+        keys = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 1, 3).astype(keys.dtype),
+                                            (zero, zero, offset, zero))
+        values = jax.lax.dynamic_update_slice(values, v.transpose(0, 2, 3, 1).astype(values.dtype),
+                                              (zero, zero, zero, offset))
 
         groups = c.num_heads // c.num_kv_heads
         qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-        logits = jnp.einsum("btkgh,bskh->bkgts", qg, keys.astype(self.dtype), preferred_element_type=jnp.float32)
-        logits = logits.reshape(b, c.num_heads, t, keys.shape[1]) * (c.head_dim**-0.5)
+        logits = jnp.einsum("btkgh,bksh->bkgts", qg, keys.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits = logits.reshape(b, c.num_heads, t, keys.shape[2]) * (c.head_dim**-0.5)
         logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         if capture:
             probs = self.perturb(ATTENTION_PROBS, probs)
             self.sow("intermediates", ATTENTION_PROBS, probs)
-        probs = probs.reshape(b, c.num_kv_heads, groups, t, keys.shape[1])
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(self.dtype))
+        probs = probs.reshape(b, c.num_kv_heads, groups, t, keys.shape[2])
+        out = jnp.einsum("bkgts,bkhs->btkgh", probs, values.astype(self.dtype))
         return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), keys, values
 
 
