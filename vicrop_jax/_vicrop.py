@@ -94,11 +94,6 @@ def _crop_pixels(model_static, image, image_size, box, dtype):
     return _normalize_crop(crop, normalization).astype(dtype)
 
 
-def _stack_passes(*passes):
-    """(logits [V], cache) pairs -> (logits [n,V], caches stacked on a leading axis [n])."""
-    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *passes)
-
-
 def _crop_passes(model_static, params, pixels, image, image_size, box, crop_prompt, original_prompt,
                  max_new_tokens):
     """Crop the box, encode original + crop, prefill both prompts -> (first logits [2,V], caches [2], lengths [2])
@@ -107,7 +102,8 @@ def _crop_passes(model_static, params, pixels, image, image_size, box, crop_prom
     crop_pixels = _crop_pixels(model_static, image, image_size, box, pixels.dtype)
     features = _encode_pair(module, params, pixels, crop_pixels, crop_prompt)
     cache_length = crop_prompt.ids.shape[0] + max_new_tokens
-    logits, caches = _stack_passes(
+    logits, caches = jax.tree_util.tree_map(
+        lambda *leaves: jnp.stack(leaves),
         prefill(module, params, crop_prompt.ids, crop_prompt.length, features.reshape(-1, features.shape[-1]),
                 cache_length),
         prefill(module, params, original_prompt.ids, original_prompt.length, features[0], cache_length),
