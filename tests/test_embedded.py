@@ -115,6 +115,14 @@ def test_attention_ratio_weights_cells_by_their_overlap_with_the_box():
         attention_ratio(attention, (0, 0, 80, 80), (80, 80))
 
 
+def test_attention_ratio_of_maps_without_mass_outside_the_box_or_at_all():
+    focused = np.zeros((8, 8))
+    focused[0, 0] = 1.0
+    assert attention_ratio(focused, (0, 0, 10, 10), (80, 80)) == float("inf")
+    with pytest.raises(ValueError, match="zero everywhere"):
+        attention_ratio(np.zeros((8, 8)), (0, 0, 10, 10), (80, 80))
+
+
 def test_training_script_writes_a_checkpoint_that_loads_and_differs_from_its_start(tmp_path):
     out = tmp_path / "trained"
     result = subprocess.run(

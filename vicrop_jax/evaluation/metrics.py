@@ -178,7 +178,9 @@ def tercile(fraction: float, edges: tuple[float, float]) -> str:
 
 def attention_ratio(attention: np.ndarray, bbox: Sequence[float], image_size: tuple[int, int]) -> float:
     """Mean attention per pixel inside `bbox` over the mean outside it, the grid map spread evenly over the
-    image (each cell weighted by its overlap with the box): > 1 where the model looks at the answer."""
+    image (each cell weighted by its overlap with the box): > 1 where the model looks at the answer; inf when
+    nothing falls outside the box. A map without mass (zero everywhere, e.g. a relu'd gradient map) has no
+    ratio: ValueError."""
     grid_h, grid_w = attention.shape
     width, height = image_size
     xs, ys = np.linspace(0, width, grid_w + 1), np.linspace(0, height, grid_h + 1)
@@ -188,4 +190,10 @@ def attention_ratio(attention: np.ndarray, bbox: Sequence[float], image_size: tu
     outside = np.outer(np.diff(ys), np.diff(xs)) - inside
     if inside.sum() <= 0 or outside.sum() <= 0:
         raise ValueError(f"box {list(bbox)} must cover part, but not all, of the {width}x{height} image")
-    return float((attention * inside).sum() / inside.sum() / ((attention * outside).sum() / outside.sum()))
+    mean_inside = (attention * inside).sum() / inside.sum()
+    mean_outside = (attention * outside).sum() / outside.sum()
+    if mean_outside == 0:
+        if mean_inside == 0:
+            raise ValueError("the map is zero everywhere, so it has no attention ratio")
+        return float("inf")
+    return float(mean_inside / mean_outside)
