@@ -78,14 +78,6 @@ def _processor_box(kind: str, box: jax.Array) -> jax.Array:
     return jnp.stack([left, top, left + side, top + side])
 
 
-def _encode_pair(module, params, pixels, crop_pixels, prompt: PromptArrays):
-    both = jnp.stack([pixels, crop_pixels])
-    if prompt.qformer_ids is None:
-        return encode_images(module, params, both)
-    text = (jnp.stack([prompt.qformer_ids] * 2), jnp.stack([prompt.qformer_mask] * 2))
-    return encode_images(module, params, both, *text)
-
-
 def _crop_pixels(model_static, image, image_size, box, dtype):
     """The box of the full-resolution image as model input, as the image processor would make it."""
     module, kind, normalization = model_static[:3]
@@ -97,11 +89,21 @@ def _crop_pixels(model_static, image, image_size, box, dtype):
 def _crop_passes(model_static, params, pixels, image, image_size, box, crop_prompt, original_prompt,
                  max_new_tokens):
     """Crop the box, encode original + crop, prefill both prompts -> (first logits [2,V], caches [2], lengths [2])
-    of the answer with the crop and of the original answer, ready for `decode_from`."""
-    module = model_static[0]
+    of the answer with the crop and of the original answer, ready for `decode_from`.
+
+    LLaVA's two prompts start with the same `[BOS, image]` prefix: it is prefilled once (`_prefix.py`).
+    """
+    module, kind = model_static[:2]
     crop_pixels = _crop_pixels(model_static, image, image_size, box, pixels.dtype)
-    features = _encode_pair(module, params, pixels, crop_pixels, crop_prompt)
     cache_length = crop_prompt.ids.shape[0] + max_new_tokens
+    if kind == "llava":
+        prefix_length = model_static[4]
+        features = encode_images(module, params, jnp.stack([pixels, crop_pixels]))
+        cache = prefill_prefix(module, params, features[0], crop_prompt.ids[:prefix_length], cache_length)
+        return prefix_answer_passes(module, params, features[0], features[1], cache, prefix_length, crop_prompt,
+                                    original_prompt, None)
+    query_text = (jnp.stack([crop_prompt.qformer_ids] * 2), jnp.stack([crop_prompt.qformer_mask] * 2))
+    features = encode_images(module, params, jnp.stack([pixels, crop_pixels]), *query_text)
     logits, caches = jax.tree_util.tree_map(
         lambda *leaves: jnp.stack(leaves),
         prefill(module, params, crop_prompt.ids, crop_prompt.length, features.reshape(-1, features.shape[-1]),
