@@ -73,9 +73,11 @@ def workload(name: str, count: int) -> tuple[list, list[str]]:
 
 
 def map_layer(folder: Path) -> int:
-    """The checkpoint's own map layer (vicrop-tiny names one), else vicrop_jax's default for its depth."""
-    config = json.loads((folder / "config.json").read_text())
-    return config.get("vicrop_attention_layer", min(14, config["text_config"]["num_hidden_layers"] // 2))
+    """vicrop_jax's default map layer of the checkpoint (vicrop-tiny names its own), for both sides."""
+    from vicrop_jax._prepare import default_map_layer
+    from vicrop_jax.llava import LlavaConfig
+
+    return default_map_layer("llava", LlavaConfig.from_hf_config(json.loads((folder / "config.json").read_text())))
 
 
 def load_reference(folder: Path):

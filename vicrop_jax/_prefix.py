@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vicrop_jax.decoding import stack_prompts
 from vicrop_jax.llama import ATTENTION_PROBS, KVCache
 from vicrop_jax.maps import MapOptions, PromptArrays, _head_mean, _score, _sown
 
@@ -102,5 +103,5 @@ def prefix_answer_passes(module, params, features, crop_features, cache: KVCache
     if question_pass is None:
         ids, length = _split(original_prompt, prefix_length)
         question_pass, _ = suffix_pass(module, variables, cache, prefix_length, ids, length, features)
-    logits, caches = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), crop_pass, question_pass)
+    logits, caches = stack_prompts(crop_pass, question_pass)
     return logits, caches, jnp.stack([crop_prompt.length, original_prompt.length])

@@ -31,6 +31,15 @@ def prompt_arrays(model: Model, prompts: list[str], num_images: int = 1) -> list
     return arrays
 
 
+def default_map_layer(kind: str, config) -> int:
+    """The checkpoint's own map layer where its config names one (`vicrop_attention_layer`, chosen by where its
+    attention falls, as the paper chose its layers), else the paper's (14 LLaVA, 15 InstructBLIP), or the
+    middle layer of a model too shallow to have it."""
+    if config.map_layer is not None:
+        return config.map_layer
+    return min(DEFAULT_LAYER[kind], config.text.num_layers // 2)
+
+
 def map_options(
     model: Model,
     method: str,
@@ -41,13 +50,9 @@ def map_options(
     clip_negative: bool = True,
     general_question: str = GENERAL_QUESTION,
 ) -> MapOptions:
-    """Validated map options. The default layer is the checkpoint's own where its config names one
-    (`vicrop_attention_layer`, chosen by where its attention falls, as the paper chose its layers), else the
-    paper's (14 LLaVA, 15 InstructBLIP), or the middle layer of a model too shallow to have it."""
+    """Validated map options; the layer defaults to `default_map_layer`."""
     if layer is None:
-        layer = model.config.map_layer
-    if layer is None:
-        layer = min(DEFAULT_LAYER[model.kind], model.config.text.num_layers // 2)
+        layer = default_map_layer(model.kind, model.config)
     options = MapOptions(
         method=method,
         layer=int(layer),

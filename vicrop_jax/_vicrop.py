@@ -27,7 +27,7 @@ from vicrop_jax.boxes import (
     center_box, crop_and_resize_jax, grow_box, random_box, select_bbox, select_bbox_jax, stitch_maps, tile_boxes,
     tile_grid,
 )
-from vicrop_jax.decoding import decode_from, prefill, strip_generated
+from vicrop_jax.decoding import decode_from, prefill, stack_prompts, strip_generated
 from vicrop_jax.maps import MapOptions, PromptArrays, device_map, high_pass_mask
 from vicrop_jax._prefix import prefill_prefix, prefix_answer_passes, prefix_map
 from vicrop_jax.preprocessing import load_image
@@ -104,8 +104,7 @@ def _crop_passes(model_static, params, pixels, image, image_size, box, crop_prom
                                     original_prompt, None)
     query_text = (jnp.stack([crop_prompt.qformer_ids] * 2), jnp.stack([crop_prompt.qformer_mask] * 2))
     features = encode_images(module, params, jnp.stack([pixels, crop_pixels]), *query_text)
-    logits, caches = jax.tree_util.tree_map(
-        lambda *leaves: jnp.stack(leaves),
+    logits, caches = stack_prompts(
         prefill(module, params, crop_prompt.ids, crop_prompt.length, features.reshape(-1, features.shape[-1]),
                 cache_length),
         prefill(module, params, original_prompt.ids, original_prompt.length, features[0], cache_length),

@@ -44,6 +44,12 @@ def prefill(module: nn.Module, params: Any, input_ids, length, image_features, c
     return logits, cache.padded(cache_length)
 
 
+def stack_prompts(*passes):
+    """(logits of the last token [V], cache) of prefilled prompts -> (logits [n,V], caches stacked on a leading
+    axis [n]), the input of `decode_from`."""
+    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *passes)
+
+
 def decode_from(module, params, first_logits, caches: KVCache, lengths, max_new_tokens: int,
                 eos_ids: tuple[int, ...]):
     """Greedy tokens [n, max_new_tokens] of n prefilled prompts: the logits of their last tokens [n, V], their

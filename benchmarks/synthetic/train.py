@@ -159,13 +159,13 @@ def main() -> None:
 
     start = time.perf_counter()
     hf_config = model_hf_config()
-    out = write_llava_checkpoint(args.out, hf_config, init_llava_params(hf_config, args.seed), WORDS)
+    params = init_llava_params(hf_config, args.seed)
+    out = write_llava_checkpoint(args.out, hf_config, params, WORDS)
     config = LlavaConfig.from_hf_config(hf_config)
     tokenizer = Tokenizer.from_folder(out)
     processor = json.loads((out / "preprocessor_config.json").read_text())
     image_config = ImageProcessorConfig.from_preprocessor_config(processor)
     module = Llava(config)
-    params = init_llava_params(hf_config, args.seed)
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.learning_rate, min(200, args.steps // 4), args.steps,
                                                   args.learning_rate * 0.02)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
