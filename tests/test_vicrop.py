@@ -164,7 +164,7 @@ def test_viz_writes_an_overlay_png(model, tmp_path):
     assert np.asarray(picture)[y1, (x1 + x2) // 2].tolist() == [255, 0, 0]  # the box's top edge is drawn
 
 
-@pytest.mark.parametrize("method", ["rel_att", "grad_att"])
+@pytest.mark.parametrize("method", METHODS)
 def test_prefix_cached_maps_equal_whole_prompt_maps(model, method):
     """LLaVA's maps from the shared prefix cache equal the maps of full forwards over whole prompts."""
     if model.kind != "llava":

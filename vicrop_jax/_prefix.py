@@ -5,7 +5,9 @@ question prompt, the general prompt of rel-att, and the two-image prompt with th
 computed once and each prompt runs only its suffix from there: question and general suffixes as one
 batch, the original answer decoded from the question pass's cache, the crop prompt's suffix being the
 crop's image tokens and the text. Only the one attention row a map needs is read. grad-att needs no
-backward pass through the prefix: dS/dA of the last row depends on the suffix computation only.
+backward pass through the prefix: dS/dA of the last row depends on the suffix computation only. pure-grad
+runs the prefix forward once too (`jax.vjp`): each prompt's suffix gives a cotangent on the prefix cache,
+and both are pulled back to the pixels together.
 
 Axis letters: S cache slots, Ts suffix positions, N heads, V vocabulary.
 """
@@ -15,9 +17,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vicrop_jax._generation import encode_images
 from vicrop_jax.decoding import stack_prompts
 from vicrop_jax.llama import ATTENTION_PROBS, KVCache
-from vicrop_jax.maps import MapOptions, PromptArrays, _head_mean, _score, _sown
+from vicrop_jax.maps import MapOptions, PromptArrays, _head_mean, _score, _sown, pixel_gradient_map
 
 
 def prefill_prefix(module, params, features: jax.Array, prefix_ids: jax.Array, cache_length: int) -> KVCache:
@@ -90,6 +93,50 @@ def prefix_map(module, params, features, cache: KVCache, prefix_length: int, que
     clip = jax.nn.relu if options.clip_negative else (lambda g: g)
     weighted = _sown(intermediates, ATTENTION_PROBS) * clip(_sown(grads, ATTENTION_PROBS))
     return image_row(module, weighted, length, prefix_length, options.heads), logits, new_cache
+
+
+def pixel_gradients(module, params, pixels, prefix_ids, prefix_length: int, cache_length: int,
+                    question: PromptArrays, general: PromptArrays):
+    """dS/d(pixels) [2,H,W,3] of the question and the general prompt from one prefix forward
+    -> (gradients, prefix features [P,D], prefix cache of S slots, question logits [V], question cache)."""
+    variables = {"params": params}
+
+    def prefix(x):
+        features = encode_images(module, params, x[None])[0]
+        return features, prefill_prefix(module, params, features, prefix_ids, prefix_length)
+
+    (features, cache), pullback = jax.vjp(prefix, pixels)
+
+    def cotangent(suffix_ids, suffix_length):
+        def score(features, cache):
+            (logits, new_cache), _ = suffix_pass(module, variables, cache.padded(cache_length), prefix_length,
+                                                 suffix_ids, suffix_length, features)
+            return _score(logits), (logits, new_cache)
+
+        return jax.grad(score, argnums=(0, 1), has_aux=True)(features, cache)
+
+    (ids, length), (general_ids, general_length) = _split(question, prefix_length), _split(general, prefix_length)
+    cotangents, (logits, caches) = jax.vmap(cotangent)(jnp.stack([ids, general_ids]),
+                                                       jnp.stack([length, general_length]))
+    (gradients,) = jax.vmap(pullback)(cotangents)
+    return gradients, features, cache.padded(cache_length), logits[0], jax.tree_util.tree_map(lambda c: c[0], caches)
+
+
+def prefix_map_passes(module, params, pixels, question: PromptArrays, general: PromptArrays, high_pass,
+                      prefix_length: int, cache_length: int, options: MapOptions):
+    """Any map of a LLaVA question from one prefix forward -> (map, prefix features [P,D], prefix cache of S
+    slots, the question pass (logits [V], cache) from which the original answer is decoded)."""
+    prefix_ids = question.ids[:prefix_length]
+    if options.method == "pure_grad":
+        gradients, features, cache, logits, question_cache = pixel_gradients(
+            module, params, pixels, prefix_ids, prefix_length, cache_length, question, general)
+        norms = jnp.linalg.norm(gradients.astype(jnp.float32), axis=-1)
+        return pixel_gradient_map(module, norms, high_pass), features, cache, (logits, question_cache)
+    features = encode_images(module, params, pixels[None])[0]
+    cache = prefill_prefix(module, params, features, prefix_ids, cache_length)
+    importance, logits, question_cache = prefix_map(module, params, features, cache, prefix_length, question,
+                                                    general, options)
+    return importance, features, cache, (logits, question_cache)
 
 
 def prefix_answer_passes(module, params, features, crop_features, cache: KVCache, prefix_length: int,

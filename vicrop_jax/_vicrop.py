@@ -29,7 +29,7 @@ from vicrop_jax.boxes import (
 )
 from vicrop_jax.decoding import decode_from, prefill, stack_prompts, strip_generated
 from vicrop_jax.maps import MapOptions, PromptArrays, device_map, high_pass_mask
-from vicrop_jax._prefix import prefill_prefix, prefix_answer_passes, prefix_map
+from vicrop_jax._prefix import prefill_prefix, prefix_answer_passes, prefix_map_passes
 from vicrop_jax.preprocessing import load_image
 
 MAP_METHODS = ("rel_att", "grad_att", "pure_grad")
@@ -131,26 +131,18 @@ def _crop_and_answer(model_static, params, pixels, image, image_size, box, crop_
     return _decode_answers(model_static, params, *passes, max_new_tokens)
 
 
-def uses_prefix_cache(kind: str, options: MapOptions) -> bool:
-    """LLaVA's attention maps run from a shared prefix cache (`_prefix.py`); the rest run whole prompts."""
-    return kind == "llava" and options.method in ("rel_att", "grad_att")
-
-
-def _prefix_passes_one(model_static, params, pixels, image, image_size, question, general, crop_prompt,
+def _prefix_passes_one(model_static, params, pixels, image, image_size, question, general, high_pass, crop_prompt,
                        original_prompt, *, options: MapOptions, max_new_tokens: int, reuse_question_pass: bool):
-    """The LLaVA attention-map pipeline up to the answers' decoding, from one prefix prefill (see `_prefix.py`)."""
+    """The LLaVA map pipeline up to the answers' decoding, from one prefix forward (see `_prefix.py`)."""
     module, prefix_length = model_static[0], model_static[4]
-    features = encode_images(module, params, pixels[None])[0]
-    cache = prefill_prefix(module, params, features, question.ids[:prefix_length],
-                           crop_prompt.ids.shape[0] + max_new_tokens)
-    importance, logits, question_cache = prefix_map(module, params, features, cache, prefix_length, question,
-                                                    general, options)
+    importance, features, cache, question_pass = prefix_map_passes(
+        module, params, pixels, question, general, high_pass, prefix_length,
+        crop_prompt.ids.shape[0] + max_new_tokens, options)
     box = select_bbox_jax(importance, image_size, module.config.image_size)
     crop_features = encode_images(module, params, _crop_pixels(model_static, image, image_size, box,
                                                                pixels.dtype)[None])[0]
-    question_pass = (logits, question_cache) if reuse_question_pass else None
     passes = prefix_answer_passes(module, params, features, crop_features, cache, prefix_length, crop_prompt,
-                                  original_prompt, question_pass)
+                                  original_prompt, question_pass if reuse_question_pass else None)
     return importance, box, passes
 
 
@@ -158,9 +150,9 @@ def _passes_one(model_static, params, pixels, image, image_size, question, gener
                 original_prompt, *, options: MapOptions, max_new_tokens: int, reuse_question_pass: bool):
     """map -> box -> crop -> the answers' prefills for one record, as traced device code."""
     module = model_static[0]
-    if uses_prefix_cache(model_static[1], options):
-        return _prefix_passes_one(model_static, params, pixels, image, image_size, question, general, crop_prompt,
-                                  original_prompt, options=options, max_new_tokens=max_new_tokens,
+    if model_static[1] == "llava":
+        return _prefix_passes_one(model_static, params, pixels, image, image_size, question, general, high_pass,
+                                  crop_prompt, original_prompt, options=options, max_new_tokens=max_new_tokens,
                                   reuse_question_pass=reuse_question_pass)
     importance = device_map(module, params, pixels, question, general, high_pass, options)
     box = select_bbox_jax(importance, image_size, module.config.image_size)
@@ -221,21 +213,19 @@ def _high_pass(model: Model, image: PIL.Image.Image, options: MapOptions) -> np.
 
 
 @functools.partial(jax.jit, static_argnames=("model_static", "options"))
-def _prefix_map_jit(model_static, params, pixels, question, general, *, options: MapOptions):
-    module, prefix_length = model_static[0], model_static[4]
-    features = encode_images(module, params, pixels[None])[0]
-    cache = prefill_prefix(module, params, features, question.ids[:prefix_length], question.ids.shape[0])
-    return prefix_map(module, params, features, cache, prefix_length, question, general, options)[0]
+def _prefix_map_jit(model_static, params, pixels, question, general, high_pass, *, options: MapOptions):
+    return prefix_map_passes(model_static[0], params, pixels, question, general, high_pass, model_static[4],
+                             question.ids.shape[0], options)[0]
 
 
 def _single_map(model: Model, image: PIL.Image.Image, question: str, options: MapOptions) -> np.ndarray:
+    """LLaVA's maps run from one prefix forward (`_prefix.py`); InstructBLIP's run whole prompts, whose
+    image features depend on the prompt (the Q-Former reads the text)."""
     pixels = pixel_values(model, [image])[0]
-    question_arrays, general_arrays, high_pass = _map_inputs(model, image, question, options)
-    if uses_prefix_cache(model.kind, options):
-        return np.asarray(_prefix_map_jit(_model_static(model), model.params, pixels, question_arrays,
-                                          general_arrays, options=options))
-    return np.asarray(_map_jit(model.module, model.params, pixels, question_arrays, general_arrays, high_pass,
-                               options=options))
+    inputs = _map_inputs(model, image, question, options)
+    if model.kind == "llava":
+        return np.asarray(_prefix_map_jit(_model_static(model), model.params, pixels, *inputs, options=options))
+    return np.asarray(_map_jit(model.module, model.params, pixels, *inputs, options=options))
 
 
 def _high_res_map(model: Model, image: PIL.Image.Image, question: str, options: MapOptions) -> np.ndarray:

@@ -175,6 +175,11 @@ def block_mean(values: jax.Array, block: int) -> jax.Array:
     return values.reshape(h // block, block, w // block, block).mean(axis=(1, 3))
 
 
+def pixel_gradient_map(module, norms: jax.Array, high_pass: jax.Array) -> jax.Array:
+    """pure-grad's map from the gradient norms [2, H, W] of the question and the general prompt."""
+    return block_mean(norms[0] / norms[1] * high_pass, module.config.vision.patch_size)
+
+
 def device_map(
     module, params, pixels: jax.Array, question: PromptArrays, general: PromptArrays,
     high_pass: jax.Array, options: MapOptions,
@@ -188,7 +193,7 @@ def device_map(
         return maps[0] / maps[1]
     # one prompt at a time: a backward pass keeps every layer's activations, two at once would double the peak
     norms = jax.lax.map(lambda p: pixel_gradient_norm(module, params, pixels, p, options), both)
-    return block_mean(norms[0] / norms[1] * high_pass, module.config.vision.patch_size)
+    return pixel_gradient_map(module, norms, high_pass)
 
 
 def high_pass_mask(image: PIL.Image.Image, resolution: int) -> np.ndarray:
