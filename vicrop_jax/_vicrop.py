@@ -82,7 +82,7 @@ def _crop_pixels(model_static, image, image_size, box, dtype):
     """The box of the full-resolution image as model input, as the image processor would make it."""
     module, kind, normalization = model_static[:3]
     size = module.config.image_size
-    crop = crop_and_resize_jax(image.astype(jnp.float32), image_size, _processor_box(kind, box), (size, size))
+    crop = crop_and_resize_jax(image, image_size, _processor_box(kind, box), (size, size))
     return _normalize_crop(crop, normalization).astype(dtype)
 
 

@@ -339,16 +339,21 @@ def _keys_cubic(x: jax.Array) -> jax.Array:
     return jnp.where(x < 1, near, jnp.where(x < 2, far, 0.0))
 
 
-def _crop_resize_weights(start: jax.Array, stop: jax.Array, size: int, out: int) -> jax.Array:
-    """[out, size]: the weights that resize pixels start..stop-1 of an axis of `size` pixels to `out` pixels as
-    PIL's antialiased bicubic resize of the crop does: pixel centres at i + 0.5, the kernel widened by the
-    downscale factor, the pixels outside the box weighing 0 and each row normalised over those inside."""
+def _crop_resize_taps(start: jax.Array, stop: jax.Array, size: int, out: int) -> tuple[jax.Array, jax.Array]:
+    """(indices [out, taps], weights [out, taps]): the input pixels and weights that resize pixels start..stop-1
+    of an axis of `size` pixels to `out` pixels as PIL's antialiased bicubic resize of the crop does: pixel
+    centres at i + 0.5, the kernel (support 2) widened by the downscale factor, the pixels outside the box
+    weighing 0 and each output normalised over those inside. `taps` (static) covers the widest kernel, that
+    of a box spanning the whole axis, so only the pixels an output reads are read."""
+    taps = min(size, math.ceil(4 * max(size / out, 1.0)) + 2)
     scale = (stop - start).astype(jnp.float32) / out
+    support = 2.0 * jnp.maximum(scale, 1.0)
     centres = start + (jnp.arange(out, dtype=jnp.float32) + 0.5) * scale
-    pixels = jnp.arange(size)
-    weights = _keys_cubic((pixels[None, :] + 0.5 - centres[:, None]) / jnp.maximum(scale, 1.0))
-    weights = jnp.where((pixels >= start) & (pixels < stop), weights, 0.0)
-    return weights / jnp.sum(weights, axis=1, keepdims=True)
+    first = jnp.clip(jnp.floor(centres - 0.5 - support).astype(jnp.int32), 0, size - taps)
+    indices = first[:, None] + jnp.arange(taps, dtype=jnp.int32)
+    weights = _keys_cubic((indices + 0.5 - centres[:, None]) / jnp.maximum(scale, 1.0))
+    weights = jnp.where((indices >= start) & (indices < stop), weights, 0.0)
+    return indices, weights / jnp.sum(weights, axis=1, keepdims=True)
 
 
 def crop_and_resize_jax(
@@ -357,25 +362,29 @@ def crop_and_resize_jax(
     """Crop `box` out of image [H, W, C] and resize it to out_size (h, w) with antialiased Keys bicubic (a = -0.5).
 
     The device counterpart of `PIL.Image.crop(box).resize((w, h), Image.BICUBIC)`, jit- and vmap-able with a
-    traced box and valid size: two matrix products with PIL's separable weights, which give the pixels outside
-    the box weight 0, so neither the rest of the image nor the padding beyond `valid_size` (W, H) (images padded
+    traced box and valid size: PIL's separable weights applied rows first, then columns, each output pixel
+    reading only the input pixels under its kernel (a fixed number, so shapes stay static). Pixels outside the
+    box weigh 0, so neither the rest of the image nor the padding beyond `valid_size` (W, H) (images padded
     to a bucket) leaks in. The box is clipped to the valid region and kept at least one pixel wide. A non-square
-    box is stretched to out_size (aspect not kept). The result is float and unclipped, so any value range works.
+    box is stretched to out_size (aspect not kept). The result is float32 and unclipped, so any value range works.
     Against PIL on uint8 images, after rounding and clipping: mean |difference| 0.2, at most 1 on smooth images;
     on pure noise mean 0.27 and up to 25 where bicubic overshoots, because PIL rounds and clips between its two
     passes.
     """
     out_h, out_w = out_size
-    pixels = jnp.asarray(image, jnp.float32)
+    image = jnp.asarray(image)
     size = jnp.asarray(valid_size).astype(jnp.int32)
     box = jnp.asarray(box).astype(jnp.int32)
     left = jnp.clip(box[0], 0, size[0] - 1)
     top = jnp.clip(box[1], 0, size[1] - 1)
     right = jnp.clip(box[2], left + 1, size[0])
     bottom = jnp.clip(box[3], top + 1, size[1])
-    rows = _crop_resize_weights(top, bottom, pixels.shape[0], out_h)
-    cols = _crop_resize_weights(left, right, pixels.shape[1], out_w)
-    return jnp.einsum("pw,owc->opc", cols, jnp.einsum("oh,hwc->owc", rows, pixels))
+    row_indices, row_weights = _crop_resize_taps(top, bottom, image.shape[0], out_h)
+    col_indices, col_weights = _crop_resize_taps(left, right, image.shape[1], out_w)
+    # one gather per tap, summed: XLA fuses them (a single [out, taps, W, C] gather is materialised, slower)
+    rows = sum(row_weights[:, t, None, None] * image[row_indices[:, t]].astype(jnp.float32)
+               for t in range(row_indices.shape[1]))
+    return sum(col_weights[None, :, t, None] * rows[:, col_indices[:, t]] for t in range(col_indices.shape[1]))
 
 
 # ----------------------------------------------------------------------------------------- high resolution
