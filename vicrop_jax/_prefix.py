@@ -18,17 +18,15 @@ import jax
 import jax.numpy as jnp
 
 from vicrop_jax._generation import encode_images
-from vicrop_jax.decoding import stack_prompts
+from vicrop_jax.decoding import prefill, stack_prompts
 from vicrop_jax.llama import ATTENTION_PROBS, KVCache
 from vicrop_jax.maps import MapOptions, PromptArrays, _head_mean, _score, _sown, pixel_gradient_map
 
 
 def prefill_prefix(module, params, features: jax.Array, prefix_ids: jax.Array, cache_length: int) -> KVCache:
-    """The prefix (ids [P0] with image tokens, features [P,D]) in a fresh cache of S slots (prefilled in a
-    cache of its own length, then padded: its attention spans no empty slots)."""
-    embeds = module.apply({"params": params}, prefix_ids[None], features[None], method="embed")
-    cache = KVCache.zeros(module.config.text, 1, prefix_ids.shape[0], module.dtype)
-    return module.apply({"params": params}, embeds, cache, 0, method="decode")[1].padded(cache_length)
+    """The prefix (ids [P0] with image tokens, features [P,D]) in a fresh cache of S slots, as `prefill` writes
+    any prompt (its logits, unused here, are pruned by the compiler)."""
+    return prefill(module, params, prefix_ids, prefix_ids.shape[0], features, cache_length)[1]
 
 
 def suffix_pass(module, variables, cache: KVCache, prefix_length: int, suffix_ids, suffix_length, features,

@@ -2,7 +2,7 @@
 
 Two paths give the same box and (within preprocessing tolerance) the same answers:
 - the device path (default): one jit-compiled program from pixels to answer tokens, no host round trip
-  between the map and the answer (box selection with fixed shapes, crop and resize as matrix products,
+  between the map and the answer (box selection with fixed shapes, crop and resize with static shapes,
   `boxes.crop_and_resize_jax`), compiled once per (image bucket, prompt bucket, options);
 - the host path (`device_pipeline=False`): map on the device, box on the host (`boxes.select_bbox`),
   crop with PIL and the checkpoint's image processor, as the published code does.
