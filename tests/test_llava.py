@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import vicrop_jax
+from vicrop_jax import _attention
 from vicrop_jax._generation import encode_images, generate_ids, pixel_values, prompt_ids
 from vicrop_jax.decoding import PAD_TOKEN, greedy_generate, pad_prompt
 from vicrop_jax.llama import KVCache
@@ -168,6 +169,38 @@ def test_attention_gradient_matches_torch(pair):
     (expected,) = torch.autograd.grad(torch.log_softmax(out.logits[0, -1], -1)[top], attention)
     scale = expected.abs().max().item()
     assert np.abs(np.asarray(grads[0]) - expected.numpy()).max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("pair", ["gqa-layer-1"], indirect=True)  # grouped heads, three layers each
+def test_head_by_head_attention_matches_transformers(pair, monkeypatch):
+    """Long prompts run attention one head at a time (CLIP and LLaMA, `_attention.py`): logits, greedy tokens
+    and the pixel gradient of pure-grad equal the reference's. Forced here: these tiny models' scores never
+    reach the size that selects it."""
+    model, reference = pair
+    monkeypatch.setattr(_attention, "ALL_HEADS_MAX_SCORE_BYTES", -1)
+    jax.clear_caches()  # compiled programs chose their attention path when traced
+    ids = prompt_ids(model, llava_prompt(QUESTION, 2), 2)
+    pixels = random_pixels(model, 2, seed=4)
+    variables = {"params": model.params}
+
+    def top_log_prob(pixels, top):
+        logits = model.module.apply(variables, np.asarray(ids)[None], pixels[None])
+        return jax.nn.log_softmax(logits[0, -1])[top], logits
+
+    logits = model.module.apply(variables, np.asarray(ids)[None], pixels[None])
+    top = int(np.argmax(logits[0, -1]))
+    gradient, logits = jax.grad(top_log_prob, has_aux=True)(jnp.asarray(pixels), top)
+    torch_pixels = torch.tensor(pixels.transpose(0, 3, 1, 2), requires_grad=True)
+    expected = reference(input_ids=torch.tensor([ids]), pixel_values=torch_pixels)
+    (expected_gradient,) = torch.autograd.grad(torch.log_softmax(expected.logits[0, -1], -1)[top], torch_pixels)
+    assert np.abs(np.asarray(logits) - expected.logits.detach().numpy()).max() <= 1e-4
+    scale = expected_gradient.abs().max().item()
+    assert np.abs(np.asarray(gradient).transpose(0, 3, 1, 2) - expected_gradient.numpy()).max() <= 1e-4 * scale
+    with torch.no_grad():
+        theirs = reference.generate(input_ids=torch.tensor([ids]), pixel_values=torch_pixels.detach(),
+                                    max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+    assert generate_ids(model, pixels, ids, max_new_tokens=20) == theirs
+    jax.clear_caches()
 
 
 def test_generate_api_with_pil_images_and_paths(pair, tmp_path):

@@ -199,6 +199,8 @@ def test_exif_orientation_is_applied(pair, tmp_path):
     assert max_difference(preprocess(str(path), config), reference(processor, str(path))) <= TOLERANCE
     # Loading twice must not rotate twice: the generation code preprocesses already loaded images.
     np.testing.assert_array_equal(np.asarray(load_image(load_image(path))), np.asarray(upright.convert("RGB")))
+    loaded = load_image(path)
+    assert load_image(loaded) is loaded, "an upright RGB image is used as it is, not copied"
 
 
 def test_arrays(pair):

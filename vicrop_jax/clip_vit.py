@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vicrop_jax._attention import fits_all_heads, head_by_head
 from vicrop_jax._config import check_supported
 
 
@@ -86,9 +87,13 @@ class ClipAttention(nn.Module):
         head_dim = c.hidden_size // c.num_heads
         split = lambda y: y.reshape(b, p, c.num_heads, head_dim)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bnqk,bknh->bqnh", probs, v)
+        if fits_all_heads(b, c.num_heads, p, p):
+            logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+            out = jnp.einsum("bnqk,bknh->bqnh", jax.nn.softmax(logits, axis=-1).astype(self.dtype), v)
+        else:
+            heads_first = lambda y: y.transpose(2, 0, 1, 3)  # noqa: E731  [N,B,P,H]
+            out = head_by_head(heads_first(q)[:, :, None], heads_first(k), heads_first(v), None, self.dtype)
+            out = out[:, :, 0].transpose(1, 2, 0, 3)
         return self.out_proj(out.reshape(b, p, c.hidden_size))
 
 

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vicrop_jax._attention import fits_all_heads, head_by_head, masked_softmax
 from vicrop_jax._config import check_supported, get_rope_parameters
 
 ATTENTION_PROBS = "attention_probs"
@@ -194,18 +195,27 @@ class LlamaAttention(nn.Module):
         values = jax.lax.dynamic_update_slice(values, v.transpose(0, 2, 3, 1).astype(values.dtype),
                                               (zero, zero, zero, offset))
 
-        groups = c.num_heads // c.num_kv_heads
-        qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-        logits = jnp.einsum("btkgh,bksh->bkgts", qg, keys.astype(self.dtype), preferred_element_type=jnp.float32)
-        logits = logits.reshape(b, c.num_heads, t, keys.shape[2]) * (c.head_dim**-0.5)
-        logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        qg = q.reshape(b, t, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
+        keys_in, values_in = keys.astype(self.dtype), values.astype(self.dtype)
+        if capture or fits_all_heads(b, c.num_heads, t, keys.shape[2]):
+            out = self._all_heads(qg, keys_in, values_in, mask, capture)
+        else:  # head_by_head's operands are head-major, values [S,H] per head
+            out = head_by_head(qg.transpose(2, 0, 3, 1, 4), keys_in.transpose(1, 0, 2, 3),
+                               values_in.transpose(1, 0, 3, 2), mask[:, None], self.dtype).transpose(1, 3, 0, 2, 4)
+        return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), keys, values
+
+    def _all_heads(self, qg, keys, values, mask, capture: bool):
+        """Attention of all heads at once -> [B,T,K,G,H]; a captured layer's probabilities [B,N,T,S] are sown
+        and perturbable."""
+        b, t, kv_heads, groups, head_dim = qg.shape
+        logits = jnp.einsum("btkgh,bksh->bkgts", qg, keys, preferred_element_type=jnp.float32)
+        logits = logits.reshape(b, kv_heads * groups, t, keys.shape[2]) * (head_dim**-0.5)
+        probs = masked_softmax(logits, mask[:, None]).astype(self.dtype)
         if capture:
             probs = self.perturb(ATTENTION_PROBS, probs)
             self.sow("intermediates", ATTENTION_PROBS, probs)
-        probs = probs.reshape(b, c.num_kv_heads, groups, t, keys.shape[2])
-        out = jnp.einsum("bkgts,bkhs->btkgh", probs, values.astype(self.dtype))
-        return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), keys, values
+        probs = probs.reshape(b, kv_heads, groups, t, keys.shape[2])
+        return jnp.einsum("bkgts,bkhs->btkgh", probs, values)
 
 
 class LlamaMLP(nn.Module):

@@ -31,6 +31,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # photographs white, so they are scaled to 8 bits first.
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 _WIDE_MODES = _SIXTEEN_BIT_MODES | {"I", "F"}
+_EXIF_ORIENTATION = 0x0112
 
 _ACCEPTED_INPUTS = (
     "a path to an image file, a PIL image, or a numpy array of shape (H, W), (H, W, 1), (H, W, 3) or "
@@ -52,6 +53,8 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
         return _pil_to_rgb(_open_upright(image))
     if isinstance(image, PIL.Image.Image):
         _decode(image, "the PIL image")
+        if image.mode == "RGB" and image.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+            return image  # already upright RGB: no copy (the pipelines load an image at each step that reads it)
         return _pil_to_rgb(PIL.ImageOps.exif_transpose(image))
     if isinstance(image, np.ndarray):
         return _array_to_pil(image).convert("RGB")
