@@ -7,7 +7,7 @@ batch, the original answer decoded from the question pass's cache, the crop prom
 crop's image tokens and the text. Only the one attention row a map needs is read. grad-att needs no
 backward pass through the prefix: dS/dA of the last row depends on the suffix computation only. pure-grad
 runs the prefix forward once too (`jax.vjp`): each prompt's suffix gives a cotangent on the prefix cache,
-and both are pulled back to the pixels together.
+and both are pulled back to the pixels through the one forward, one after the other.
 
 Axis letters: S cache slots, Ts suffix positions, N heads, V vocabulary.
 """
@@ -116,7 +116,7 @@ def pixel_gradients(module, params, pixels, prefix_ids, prefix_length: int, cach
     (ids, length), (general_ids, general_length) = _split(question, prefix_length), _split(general, prefix_length)
     cotangents, (logits, caches) = jax.vmap(cotangent)(jnp.stack([ids, general_ids]),
                                                        jnp.stack([length, general_length]))
-    (gradients,) = jax.vmap(pullback)(cotangents)
+    (gradients,) = jax.lax.map(pullback, cotangents)  # one prompt at a time: half the backward's memory
     return gradients, features, cache.padded(cache_length), logits[0], jax.tree_util.tree_map(lambda c: c[0], caches)
 
 
