@@ -4,7 +4,7 @@ With all heads at once, the float32 scores [B,N,T,S] of a long prompt (LLaVA's 5
 run to tens of MB, and each step after the first product (mask, softmax, product with the values) is a
 trip to memory. One head's scores stay in cache from the first product to the last: the medium
 benchmark's crop-prompt attention (12 heads, 607 queries, 1204 keys) took 75 ms per layer with all heads
-and 22 ms head by head on 2 cores; CLIP ViT-L's (16 heads, 577 positions) 42 and 18 ms. Small passes
+and 22 ms head by head on 2 cores; CLIP ViT-L's (16 heads, 577 positions) 42-45 and 18-22 ms. Small passes
 (decoding steps, short prompts) keep all heads at once, where a loop would only add overhead.
 Differentiated (pure-grad's backward pass to the pixels), each head's probabilities are recomputed rather
 than stored (`jax.checkpoint` on the loop body): medium pure-grad's peak memory 705 -> 409 MiB together
