@@ -66,10 +66,10 @@ def test_device_crop_matches_the_host_crop_within_preprocessing_tolerance(model)
 def test_a_new_question_reuses_the_compiled_pipeline(model):
     image = scene()
     vicrop_jax.answer(model, image, QUESTION, "rel_att", layer=1)
-    compiled = _vicrop._pipeline._cache_size()
+    compiled = _vicrop._pipeline.programs[False]._cache_size()
     vicrop_jax.answer(model, scene(seed=5), "What is the shape on the left ?", "rel_att", layer=1)
     vicrop_jax.answer(model, scene(160, 100, seed=6), "how many ?", "rel_att", layer=1)
-    assert _vicrop._pipeline._cache_size() == compiled
+    assert _vicrop._pipeline.programs[False]._cache_size() == compiled
 
 
 def test_answer_batch_equals_one_by_one(model):
@@ -176,3 +176,26 @@ def test_prefix_cached_maps_equal_whole_prompt_maps(model, method):
                              options=options)
     cached = vicrop_jax.importance_map(model, image, QUESTION, method, layer=1)
     np.testing.assert_allclose(cached, np.asarray(whole), rtol=1e-4, atol=1e-7)
+
+
+def test_pure_grad_backward_keeps_each_layers_input_only(tmp_path):
+    """Pure-grad's compiled map needs, per extra layer, memory for a few [tokens, width] arrays (its input, its
+    cache and that cache's cotangent), not for every activation of the layer: layers are recomputed in the
+    backward pass one at a time (nn.remat and the memory-optimised CPU scheduler)."""
+    image = scene()
+
+    def temporaries(layers: int) -> int:
+        folder = tmp_path / str(layers)
+        save_llava(folder, llava_config(image_size=112, text_layers=layers, vision_layers=layers, width=64,
+                                        vision_width=64))
+        model = vicrop_jax.load(folder)
+        options = _vicrop.map_options(model, "pure_grad", layer=1)
+        pixels = pixel_values(model, [image])[0]
+        program = _vicrop._prefix_map_jit.programs[True]
+        lowered = program.lower(_vicrop._model_static(model), model.params, pixels,
+                                *_vicrop._map_inputs(model, image, QUESTION, options), options=options)
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    tokens_by_width = (1 + (112 // 14) ** 2) * 64 * 4  # bytes of one [tokens, width] float32 array
+    per_layer = (temporaries(8) - temporaries(2)) / 6  # one vision and one text layer each
+    assert per_layer < 8 * tokens_by_width  # keeping every activation takes about 50

@@ -6,8 +6,8 @@ computed once and each prompt runs only its suffix from there: question and gene
 batch, the original answer decoded from the question pass's cache, the crop prompt's suffix being the
 crop's image tokens and the text. Only the one attention row a map needs is read. grad-att needs no
 backward pass through the prefix: dS/dA of the last row depends on the suffix computation only. pure-grad
-runs the prefix forward once too (`jax.vjp`): each prompt's suffix gives a cotangent on the prefix cache,
-and both are pulled back to the pixels through the one forward, one after the other.
+runs the prefix forward once too (`jax.vjp`); for one prompt after the other, the suffix gives a cotangent on
+the prefix cache, pulled back to the pixels through that forward (its layers recomputed one at a time).
 
 Axis letters: S cache slots, Ts suffix positions, N heads, V vocabulary.
 """
@@ -105,18 +105,19 @@ def pixel_gradients(module, params, pixels, prefix_ids, prefix_length: int, cach
 
     (features, cache), pullback = jax.vjp(prefix, pixels)
 
-    def cotangent(suffix_ids, suffix_length):
+    def prompt_gradients(prompt):
         def score(features, cache):
             (logits, new_cache), _ = suffix_pass(module, variables, cache.padded(cache_length), prefix_length,
-                                                 suffix_ids, suffix_length, features)
+                                                 *prompt, features)
             return _score(logits), (logits, new_cache)
 
-        return jax.grad(score, argnums=(0, 1), has_aux=True)(features, cache)
+        cotangents, outputs = jax.grad(score, argnums=(0, 1), has_aux=True)(features, cache)
+        return pullback(cotangents)[0], outputs
 
-    (ids, length), (general_ids, general_length) = _split(question, prefix_length), _split(general, prefix_length)
-    cotangents, (logits, caches) = jax.vmap(cotangent)(jnp.stack([ids, general_ids]),
-                                                       jnp.stack([length, general_length]))
-    (gradients,) = jax.lax.map(pullback, cotangents)  # one prompt at a time: half the backward's memory
+    # One prompt at a time: a single cotangent of the prefix cache and one backward pass live at once.
+    prompts = jax.tree_util.tree_map(lambda *a: jnp.stack(a), _split(question, prefix_length),
+                                     _split(general, prefix_length))
+    gradients, (logits, caches) = jax.lax.map(prompt_gradients, prompts)
     return gradients, features, cache.padded(cache_length), logits[0], jax.tree_util.tree_map(lambda c: c[0], caches)
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
+from jaxlib.version import __version_info__ as jaxlib_version
 
 from vicrop_jax._generation import ImageLike, encode_images, generate_ids, pixel_values, prompt_inputs
 from vicrop_jax._loading import Model
@@ -36,6 +37,29 @@ MAP_METHODS = ("rel_att", "grad_att", "pure_grad")
 BASELINES = ("none", "gt", "random", "center")
 HIGH_RES_THRESHOLD = 1024
 IMAGE_BUCKET = 256
+
+# Under differentiation the model's layers keep only their inputs and recompute the rest (`nn.remat`). XLA's
+# default CPU scheduler runs independent work as early as it can, for concurrency, and so recomputes every
+# layer before the first backward step, which keeps all activations alive again. Its memory-optimised
+# scheduler recomputes a layer when its backward step needs it (medium pure-grad map: 360 -> 98 MiB of XLA
+# temporaries). Pure-grad's programs, which differentiate the whole model, compile with it; other backends
+# ignore the option. jaxlib 0.9.1 replaced the boolean option by a scheduler type.
+LOW_MEMORY_CPU = (
+    {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if jaxlib_version >= (0, 9, 1)
+    else {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+)
+
+
+def _jit_per_method(fun, **jit_options):
+    """`fun` jit-compiled twice, pure-grad's programs with `LOW_MEMORY_CPU`; its keyword `options` picks."""
+    programs = {False: jax.jit(fun, **jit_options), True: jax.jit(fun, compiler_options=LOW_MEMORY_CPU, **jit_options)}
+
+    @functools.wraps(fun)
+    def run(*args, options: MapOptions, **kwargs):
+        return programs[options.method == "pure_grad"](*args, options=options, **kwargs)
+
+    run.programs = programs
+    return run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +188,7 @@ def _passes_one(model_static, params, pixels, image, image_size, question, gener
 _STATIC = ("model_static", "options", "max_new_tokens", "reuse_question_pass")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(_jit_per_method, static_argnames=_STATIC)
 def _pipeline(model_static, params, *record, options: MapOptions, max_new_tokens: int,
               reuse_question_pass: bool):
     """map -> box -> crop -> (map, box, answer with the crop, original answer) for one record."""
@@ -173,7 +197,7 @@ def _pipeline(model_static, params, *record, options: MapOptions, max_new_tokens
     return importance, box, *_decode_answers(model_static, params, *passes, max_new_tokens)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(_jit_per_method, static_argnames=_STATIC)
 def _pipeline_batch(model_static, params, *records, options: MapOptions, max_new_tokens: int,
                     reuse_question_pass: bool):
     """`_pipeline` for a batch of records (leading axis of every record array): everything up to the answers
@@ -184,7 +208,7 @@ def _pipeline_batch(model_static, params, *records, options: MapOptions, max_new
     return importance, box, *_decode_answers(model_static, params, *passes, max_new_tokens)
 
 
-_map_jit = jax.jit(device_map, static_argnums=(0,), static_argnames=("options",))
+_map_jit = _jit_per_method(device_map, static_argnums=(0,), static_argnames=("options",))
 _crop_and_answer_jit = jax.jit(_crop_and_answer, static_argnames=("model_static", "max_new_tokens"))
 
 
@@ -212,7 +236,7 @@ def _high_pass(model: Model, image: PIL.Image.Image, options: MapOptions) -> np.
     return np.ones((size, size), np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("model_static", "options"))
+@functools.partial(_jit_per_method, static_argnames=("model_static", "options"))
 def _prefix_map_jit(model_static, params, pixels, question, general, high_pass, *, options: MapOptions):
     return prefix_map_passes(model_static[0], params, pixels, question, general, high_pass, model_static[4],
                              question.ids.shape[0], options)[0]

@@ -161,7 +161,8 @@ class ClipVisionTransformer(nn.Module):
         eps = self.config.layer_norm_eps
         self.embeddings = ClipEmbeddings(self.config, **kw)
         self.pre_layrnorm = nn.LayerNorm(eps, **kw)
-        self.layers = [ClipEncoderLayer(self.config, **kw) for _ in range(self.config.num_layers)]
+        layer = nn.remat(ClipEncoderLayer)  # recomputed in the backward pass: see LlamaForCausalLM.setup
+        self.layers = [layer(self.config, **kw) for _ in range(self.config.num_layers)]
         self.post_layernorm = nn.LayerNorm(eps, **kw)
 
     def __call__(self, pixel_values: jax.Array, hidden_state_indices: Sequence[int]) -> list[jax.Array]:

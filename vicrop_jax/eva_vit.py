@@ -149,7 +149,8 @@ class EvaVisionTransformer(nn.Module):
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embeddings = EvaEmbeddings(self.config, **kw)
-        self.layers = [EvaEncoderLayer(self.config, **kw) for _ in range(self.config.num_layers)]
+        layer = nn.remat(EvaEncoderLayer)  # recomputed in the backward pass: see LlamaForCausalLM.setup
+        self.layers = [layer(self.config, **kw) for _ in range(self.config.num_layers)]
         self.post_layernorm = nn.LayerNorm(self.config.layer_norm_eps, **kw)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:

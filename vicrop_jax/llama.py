@@ -263,7 +263,10 @@ class LlamaForCausalLM(nn.Module):
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, **kw)
-        self.layers = [LlamaDecoderLayer(c, i, **kw) for i in range(c.num_layers)]
+        # Under differentiation a layer keeps its inputs only and recomputes the rest in the backward pass
+        # (pure-grad's memory); programs without a backward pass are unchanged. Argument 8 is `capture`.
+        layer = nn.remat(LlamaDecoderLayer, static_argnums=(8,))
+        self.layers = [layer(c, i, **kw) for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Dense(c.vocab_size, use_bias=False, **kw)
