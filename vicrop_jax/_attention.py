@@ -7,8 +7,8 @@ benchmark's crop-prompt attention (12 heads, 607 queries, 1204 keys) took 75 ms 
 and 22 ms head by head on 2 cores; CLIP ViT-L's (16 heads, 577 positions) 42-45 and 18-22 ms. Small passes
 (decoding steps, short prompts) keep all heads at once, where a loop would only add overhead.
 Differentiated (pure-grad's backward pass to the pixels), each head's probabilities are recomputed rather
-than stored (`jax.checkpoint` on the loop body): medium pure-grad's peak memory 705 -> 409 MiB together
-with one pullback at a time (`_prefix.pixel_gradients`).
+than stored (`jax.checkpoint` on the loop body), also inside the recomputed layers of pure-grad's backward
+pass: the medium pure-grad map's XLA temporaries are 98 MiB with it, 143 MiB without (0.4 s faster).
 """
 
 from __future__ import annotations

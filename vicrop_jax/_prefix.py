@@ -115,8 +115,7 @@ def pixel_gradients(module, params, pixels, prefix_ids, prefix_length: int, cach
         return pullback(cotangents)[0], outputs
 
     # One prompt at a time: a single cotangent of the prefix cache and one backward pass live at once.
-    prompts = jax.tree_util.tree_map(lambda *a: jnp.stack(a), _split(question, prefix_length),
-                                     _split(general, prefix_length))
+    prompts = stack_prompts(_split(question, prefix_length), _split(general, prefix_length))
     gradients, (logits, caches) = jax.lax.map(prompt_gradients, prompts)
     return gradients, features, cache.padded(cache_length), logits[0], jax.tree_util.tree_map(lambda c: c[0], caches)
 

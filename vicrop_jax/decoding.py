@@ -45,8 +45,8 @@ def prefill(module: nn.Module, params: Any, input_ids, length, image_features, c
 
 
 def stack_prompts(*passes):
-    """(logits of the last token [V], cache) of prefilled prompts -> (logits [n,V], caches stacked on a leading
-    axis [n]), the input of `decode_from`."""
+    """Per-prompt pytrees stacked leaf by leaf on a new leading axis [n]: (logits of the last token [V], cache)
+    of prefilled prompts -> the input of `decode_from`; (suffix ids, length) -> one array each for a loop."""
     return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *passes)
 
 
