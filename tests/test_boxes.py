@@ -440,6 +440,27 @@ def test_crop_and_resize_matches_pil():
         assert diff.max() <= (1 if is_smooth else 30)
 
 
+def test_a_small_box_is_resized_from_a_window_around_it_with_the_same_values():
+    # Boxes up to NARROW_BOX_SCALE x the output (every ViCrop box but the whole image) take a window of the
+    # image and few taps; the window moves back from the edges of the array. Same per-pixel weights as the
+    # whole-image taps, so the values agree to float32 rounding.
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (768, 640, 3)).astype(np.float32)
+    valid = np.array([600, 700])  # (W, H); beyond it: padding
+    out = (112, 112)
+    window = boxes.NARROW_BOX_SCALE * out[0]
+    single = jax.jit(crop_and_resize_jax, static_argnames="out_size")
+    whole_image = jax.jit(boxes._crop_resize, static_argnums=5)  # eager rounds otherwise (no fused multiply-add)
+    traced = jax.make_jaxpr(functools.partial(crop_and_resize_jax, out_size=out))(image, valid, (0, 0, 9, 9))
+    assert "cond" in str(traced), "small boxes take the window"
+    for box in [(0, 0, window, window), (600 - window, 700 - window, 600, 700), (500, 10, 600, 60),
+                (590, 690, 600, 700), (10, 20, 10 + window, 100), (630, 0, 640, 700)]:
+        left, top = min(box[0], 599), min(box[1], 699)
+        clipped = (left, top, max(min(box[2], 600), left + 1), max(min(box[3], 700), top + 1))
+        np.testing.assert_allclose(single(image, valid, np.array(box), out_size=out),
+                                   whole_image(image, *map(jnp.int32, clipped), out), atol=1e-3)
+
+
 def test_crop_and_resize_ignores_everything_outside_the_box():
     rng = np.random.default_rng(1)
     image = rng.random((300, 400, 3)).astype(np.float32)

@@ -40,6 +40,7 @@ import numpy as np
 # Python literals, as in the published list: 1.0 + 0.2 * i would give 1.4000000000000001 and other boxes.
 RATIOS = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0)
 MAX_TILE = 1024
+NARROW_BOX_SCALE = 2  # crop_and_resize_jax: boxes up to this many times the output size are resized cheaply
 # numpy's pairwise summation: blocks of at most PAIRWISE_BLOCK elements, each summed with UNROLL accumulators.
 PAIRWISE_BLOCK = 128
 UNROLL = 8
@@ -344,16 +345,18 @@ def _crop_resize_taps(start: jax.Array, stop: jax.Array, size: int, out: int) ->
     of an axis of `size` pixels to `out` pixels as PIL's antialiased bicubic resize of the crop does: pixel
     centres at i + 0.5, the kernel (support 2) widened by the downscale factor, the pixels outside the box
     weighing 0 and each output normalised over those inside. `taps` (static) covers the widest kernel, that
-    of a box spanning the whole axis, so only the pixels an output reads are read."""
+    of a box spanning the whole axis, so only the pixels an output reads are read. Positions are taken from
+    the box's start and sums run tap by tap, so that a pixel's weight depends neither on where the box lies
+    in the array nor on the number of taps: a window around the box gives the same weights, bit for bit."""
     taps = min(size, math.ceil(4 * max(size / out, 1.0)) + 2)
     scale = (stop - start).astype(jnp.float32) / out
     support = 2.0 * jnp.maximum(scale, 1.0)
-    centres = start + (jnp.arange(out, dtype=jnp.float32) + 0.5) * scale
-    first = jnp.clip(jnp.floor(centres - 0.5 - support).astype(jnp.int32), 0, size - taps)
+    centres = (jnp.arange(out, dtype=jnp.float32) + 0.5) * scale
+    first = jnp.clip(start + jnp.floor(centres - 0.5 - support).astype(jnp.int32), 0, size - taps)
     indices = first[:, None] + jnp.arange(taps, dtype=jnp.int32)
-    weights = _keys_cubic((indices + 0.5 - centres[:, None]) / jnp.maximum(scale, 1.0))
+    weights = _keys_cubic(((indices - start).astype(jnp.float32) + 0.5 - centres[:, None]) / jnp.maximum(scale, 1.0))
     weights = jnp.where((indices >= start) & (indices < stop), weights, 0.0)
-    return indices, weights / jnp.sum(weights, axis=1, keepdims=True)
+    return indices, weights / sum(weights[:, t, None] for t in range(taps))
 
 
 def crop_and_resize_jax(
@@ -370,6 +373,12 @@ def crop_and_resize_jax(
     Against PIL on uint8 images, after rounding and clipping: mean |difference| 0.2, at most 1 on smooth images;
     on pure noise mean 0.27 and up to 25 where bicubic overshoots, because PIL rounds and clips between its two
     passes.
+
+    The number of input pixels an output reads grows with the downscale factor, and a static count must cover
+    the whole image. Boxes of at most `NARROW_BOX_SCALE` times out_size (every box the maps select but the whole
+    image) are resized from a window of that size around them, with few taps (vicrop-tiny's 112-px crop of a
+    768-px image: 10 taps instead of 28 per axis, 1.6 -> 0.6 ms); the values agree with the whole image's to
+    float32 rounding. With a batched box (vmap) both ways are computed.
     """
     out_h, out_w = out_size
     image = jnp.asarray(image)
@@ -379,6 +388,25 @@ def crop_and_resize_jax(
     top = jnp.clip(box[1], 0, size[1] - 1)
     right = jnp.clip(box[2], left + 1, size[0])
     bottom = jnp.clip(box[3], top + 1, size[1])
+    window_h = min(image.shape[0], NARROW_BOX_SCALE * out_h)
+    window_w = min(image.shape[1], NARROW_BOX_SCALE * out_w)
+    if (window_h, window_w) == image.shape[:2]:
+        return _crop_resize(image, left, top, right, bottom, out_size)
+
+    def narrow(image):
+        # the window's origin: the box's corner, moved back where the window would leave the image
+        y = jnp.minimum(top, image.shape[0] - window_h)
+        x = jnp.minimum(left, image.shape[1] - window_w)
+        window = jax.lax.dynamic_slice(image, (y, x, 0), (window_h, window_w, image.shape[2]))
+        return _crop_resize(window, left - x, top - y, right - x, bottom - y, out_size)
+
+    fits = (bottom - top <= window_h) & (right - left <= window_w)
+    return jax.lax.cond(fits, narrow, lambda image: _crop_resize(image, left, top, right, bottom, out_size), image)
+
+
+def _crop_resize(image: jax.Array, left, top, right, bottom, out_size: tuple[int, int]) -> jax.Array:
+    """`crop_and_resize_jax` of a clipped box, with as many taps as a box spanning the whole image needs."""
+    out_h, out_w = out_size
     row_indices, row_weights = _crop_resize_taps(top, bottom, image.shape[0], out_h)
     col_indices, col_weights = _crop_resize_taps(left, right, image.shape[1], out_w)
     # one gather per tap, summed: XLA fuses them (a single [out, taps, W, C] gather is materialised, slower)
