@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import jax
@@ -34,8 +35,17 @@ def as_image_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
 
 
 def pixel_values(model: Model, images: Sequence[ImageLike]) -> np.ndarray:
-    """Images -> [n, H, W, 3] float32, preprocessed as the checkpoint's image processor does."""
-    return np.stack([preprocess(load_image(image), model.image_config) for image in images])
+    """Images -> [n, H, W, 3] float32, preprocessed as the checkpoint's image processor does.
+
+    Several images are preprocessed on as many threads as there are cores: PIL's resize, most of the work,
+    releases the GIL (a batch of 8 vicrop-tiny scenes: 24-28 ms on one thread, 14 ms on 2 cores).
+    """
+    images = list(images)
+    one = lambda image: preprocess(load_image(image), model.image_config)  # noqa: E731
+    if len(images) < 2:
+        return np.stack([one(image) for image in images])
+    with ThreadPoolExecutor(min(len(images), os.cpu_count() or 1)) as pool:
+        return np.stack(list(pool.map(one, images)))
 
 
 def prompt_inputs(model: Model, prompt: str, num_images: int) -> tuple[list[int], tuple[np.ndarray, ...]]:
