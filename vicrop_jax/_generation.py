@@ -41,7 +41,10 @@ def pixel_values(model: Model, images: Sequence[ImageLike]) -> np.ndarray:
     releases the GIL (a batch of 8 vicrop-tiny scenes: 24-28 ms on one thread, 14 ms on 2 cores).
     """
     images = list(images)
-    one = lambda image: preprocess(load_image(image), model.image_config)  # noqa: E731
+
+    def one(image: ImageLike) -> np.ndarray:
+        return preprocess(load_image(image), model.image_config)
+
     if len(images) < 2:
         return np.stack([one(image) for image in images])
     with ThreadPoolExecutor(min(len(images), os.cpu_count() or 1)) as pool:
