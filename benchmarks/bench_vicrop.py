@@ -133,8 +133,9 @@ def throughput(name: str, folder: Path, batches: list[int], repeats: int) -> dic
     for batch in batches:
         count = max(batch, 8)
         images, questions = workload(name, count)
-        run = lambda: vicrop_jax.answer_batch(model, images, questions, "rel_att", batch_size=batch,  # noqa: E731
-                                              layer=layer)
+        def run():
+            vicrop_jax.answer_batch(model, images, questions, "rel_att", batch_size=batch, layer=layer)
+
         run()  # the warm-up compiles every shape bucket the timed runs meet (the scenes' sizes differ)
         seconds = []
         for _ in range(repeats):
