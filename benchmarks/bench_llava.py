@@ -3,14 +3,13 @@
 Both load the same random checkpoint written by transformers; the prompt is the paper's question
 template with one image. Prints a Markdown table. Usage:
 
-    python benchmarks/bench_llava.py [--configs tiny medium] [--repeats 5]
+    python -m benchmarks.bench_llava [--configs tiny medium] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,13 +18,11 @@ import jax
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 import vicrop_jax  # noqa: E402
 from vicrop_jax._generation import encode_images, prompt_ids  # noqa: E402
-from vicrop_jax.decoding import greedy_generate, pad_prompt  # noqa: E402
+from vicrop_jax.nn.decoding import greedy_generate, pad_prompt  # noqa: E402
 from vicrop_jax.prompts import llava_prompt  # noqa: E402
-from tiny_models import llava_config, save_llava  # noqa: E402
+from vicrop_jax.testing.hf_models import llava_config, save_llava  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(image_size=28, num_heads=4, num_kv_heads=2),

@@ -1,6 +1,6 @@
 """Seconds per question, ours vs the published procedure in PyTorch; map peak memory; batched throughput.
 
-    python benchmarks/bench_vicrop.py [--configs vicrop-tiny medium] [--questions 3] [--batches 1 8 32] [--repeats 3]
+    python -m benchmarks.bench_vicrop [--configs vicrop-tiny medium] [--questions 3] [--batches 1 8 32] [--repeats 3]
 
 - `vicrop-tiny`: the embedded model, on held-out synthetic scenes and their questions;
 - `medium`: the LLaVA-1.5 shape family (CLIP ViT at 336 px, 576 image tokens, LLaMA decoder, 32k vocabulary)
@@ -27,7 +27,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
 METHODS = ("rel_att", "grad_att", "pure_grad")
 CONFIGS = ["vicrop-tiny", "medium"]
@@ -44,7 +43,7 @@ def write_checkpoint(name: str, folder: Path) -> Path:
         from vicrop_jax._loading import checkpoint_folder
 
         return checkpoint_folder(name)
-    from tiny_models import llava_config, save_llava
+    from vicrop_jax.testing.hf_models import llava_config, save_llava
 
     save_llava(folder, llava_config(**MEDIUM))
     return folder
@@ -65,7 +64,7 @@ def cluttered_scene(seed: int, size: int = 640) -> Image.Image:
 def workload(name: str, count: int) -> tuple[list, list[str]]:
     """(images, questions): held-out synthetic scenes for the embedded model, cluttered scenes otherwise."""
     if name == "vicrop-tiny":
-        from vicrop_jax.synthetic import make_record
+        from vicrop_jax.testing.synthetic import make_record
 
         records = [make_record(BENCH_SEED, i) for i in range(count)]
         return [r.image for r in records], [r.question for r in records]
@@ -74,8 +73,8 @@ def workload(name: str, count: int) -> tuple[list, list[str]]:
 
 def map_layer(folder: Path) -> int:
     """vicrop_jax's default map layer of the checkpoint (vicrop-tiny names its own), for both sides."""
-    from vicrop_jax._prepare import default_map_layer
-    from vicrop_jax.llava import LlavaConfig
+    from vicrop_jax.vicrop._prepare import default_map_layer
+    from vicrop_jax.nn.llava import LlavaConfig
 
     return default_map_layer("llava", LlavaConfig.from_hf_config(json.loads((folder / "config.json").read_text())))
 
@@ -101,7 +100,7 @@ def timings(name: str, folder: Path, count: int, repeats: int) -> dict:
     every size bucket, torch's allocator fills), `repeats` passes over the questions alternating between the
     two, the best pass of each; this shared machine's speed drifts within a run, and alternating exposes both
     sides to the same drift."""
-    import torch_reference
+    from benchmarks import torch_reference
     import vicrop_jax
 
     images, questions = workload(name, count)
@@ -161,7 +160,7 @@ def memory_probe(framework: str, name: str, folder: str, method: str) -> None:
         layer = map_layer(Path(folder))
         run = lambda: vicrop_jax.importance_map(model, image, question, method, layer=layer)  # noqa: E731
     else:
-        import torch_reference
+        from benchmarks import torch_reference
         from vicrop_jax.prompts import GENERAL_QUESTION
 
         model, tokenizer, processor = load_reference(Path(folder))
@@ -184,8 +183,8 @@ def memory_probe(framework: str, name: str, folder: str, method: str) -> None:
 def peak_memory(name: str, folder: Path, method: str) -> dict:
     out = {}
     for framework in ("ours", "reference"):
-        result = subprocess.run([sys.executable, __file__, "--memory-probe", framework, name, str(folder), method],
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run([sys.executable, "-m", "benchmarks.bench_vicrop", "--memory-probe", framework, name,
+                                 str(folder), method], capture_output=True, text=True, check=True, cwd=ROOT)
         out[framework] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
     return out
 

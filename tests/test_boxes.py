@@ -1,4 +1,4 @@
-"""Box selection, tiling, baseline boxes and the device crop-resize of vicrop_jax.boxes.
+"""Box selection, tiling, baseline boxes and the device crop-resize of vicrop_jax.vicrop.boxes.
 
 `published_select_bbox` below is an independent transcription of the published selection
 (saccharomycetes/mllms_know, `bbox_from_att_image_adaptive`): Python loops, numpy `.sum()` of each window,
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vicrop_jax import boxes
-from vicrop_jax.boxes import (
+from vicrop_jax.vicrop import boxes
+from vicrop_jax.vicrop.boxes import (
     RATIOS,
     center_box,
     crop_and_resize_jax,

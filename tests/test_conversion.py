@@ -17,10 +17,10 @@ from transformers import LlavaForConditionalGeneration
 import vicrop_jax
 from vicrop_jax._loading import abstract_params, architecture_for, save_hf_checkpoint
 from vicrop_jax.cli import main as cli_main
-from vicrop_jax.llava import Llava
+from vicrop_jax.nn.llava import Llava
 from weights_conversion.core import CheckpointMismatchError
 from weights_conversion.safetensors_io import open_checkpoint, write_checkpoint
-from tiny_models import llava_config, save_llava
+from vicrop_jax.testing.hf_models import llava_config, save_llava
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from vicrop_jax.cli import main as cli_main
 from vicrop_jax.evaluation.datasets import read_dataset
 from vicrop_jax.evaluation.metrics import attention_ratio
 from vicrop_jax.prompts import llava_prompt
-from vicrop_jax.synthetic import BOX_COLOURS, RELATIVE_BOX_SIDES, SHAPES, make_record, write_dataset
+from vicrop_jax.testing.synthetic import BOX_COLOURS, RELATIVE_BOX_SIDES, SHAPES, make_record, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_SEED = 1
@@ -133,9 +133,8 @@ def test_training_script_writes_a_checkpoint_that_loads_and_differs_from_its_sta
     assert "step 2" in result.stdout and "wrote" in result.stdout
     trained = vicrop_jax.load(out)
     assert 0 <= trained.config.map_layer < trained.config.text.num_layers
-    sys.path.insert(0, str(ROOT / "benchmarks/synthetic"))
-    from train import model_hf_config
-    from vicrop_jax._tiny_checkpoint import init_llava_params
+    from benchmarks.synthetic.train import model_hf_config
+    from vicrop_jax.testing.checkpoints import init_llava_params
 
     start = init_llava_params(model_hf_config(), seed=0)
     assert not np.allclose(trained.params["multi_modal_projector"]["linear_1"]["kernel"],

@@ -24,7 +24,7 @@ from vicrop_jax.evaluation.datasets import Record
 from vicrop_jax.evaluation.progress import progress_line
 from vicrop_jax.evaluation.runner import Prepared, answer_or_error
 from vicrop_jax.evaluation.scoring import score
-from tiny_models import llava_config, save_llava
+from vicrop_jax.testing.hf_models import llava_config, save_llava
 
 QUESTION = "What is the color of the small shape ?"
 RECORDS = 12

@@ -16,8 +16,8 @@ import torch
 import transformers
 from flax import traverse_util
 
-from vicrop_jax.decoding import greedy_generate, pad_prompt, strip_generated
-from vicrop_jax.instructblip import InstructBlip, InstructBlipConfig
+from vicrop_jax.nn.decoding import greedy_generate, pad_prompt, strip_generated
+from vicrop_jax.nn.instructblip import InstructBlip, InstructBlipConfig
 from weights_conversion.core import CheckpointMismatchError, check_table, flax_to_hf, hf_to_flax, rename_keys
 from weights_conversion.instructblip_table import INSTRUCTBLIP_KEY_ALIASES, instructblip_table
 from weights_conversion.safetensors_io import INDEX_FILE, open_checkpoint, write_checkpoint

@@ -12,7 +12,7 @@ import vicrop_jax
 from vicrop_jax._generation import pixel_values, prompt_inputs
 from vicrop_jax.cli import main as cli_main
 from vicrop_jax.prompts import instructblip_prompt
-from tiny_models import instructblip_config, save_instructblip
+from vicrop_jax.testing.hf_models import instructblip_config, save_instructblip
 
 PROMPT = instructblip_prompt("What is the color of the small shape ?")
 

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 import vicrop_jax
-from vicrop_jax import _attention
+from vicrop_jax.nn import _attention
 from vicrop_jax._generation import encode_images, generate_ids, pixel_values, prompt_ids
-from vicrop_jax.decoding import PAD_TOKEN, greedy_generate, pad_prompt
-from vicrop_jax.llama import KVCache
+from vicrop_jax.nn.decoding import PAD_TOKEN, greedy_generate, pad_prompt
+from vicrop_jax.nn.llama import KVCache
 from vicrop_jax.prompts import llava_prompt
-from tiny_models import IMAGE_TOKEN_ID, llava_config, make_tokenizer, save_llava
+from vicrop_jax.testing.hf_models import IMAGE_TOKEN_ID, llava_config, make_tokenizer, save_llava
 
 CONFIGS = {
     "mha-layer-2": dict(image_size=28, num_heads=4, num_kv_heads=4, vision_feature_layer=-2),
@@ -250,7 +250,7 @@ def test_bfloat16_within_bfloat16_precision(pair):
 def test_rotary_embedding_is_computed_once_per_pass_not_per_layer_and_head():
     """XLA fuses an elementwise cos or sin into each consumer: recomputed in every layer's rotation of q and k,
     for every head, it took a sixth of vicrop-tiny's ViCrop program. The compiled forward evaluates them once."""
-    from vicrop_jax.llama import LlamaConfig, LlamaForCausalLM
+    from vicrop_jax.nn.llama import LlamaConfig, LlamaForCausalLM
 
     def transcendentals(layers: int) -> int:
         config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=layers, num_heads=4,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +10,12 @@ from PIL import Image
 
 import vicrop_jax
 from vicrop_jax._generation import pixel_values, prompt_inputs
-from vicrop_jax._prepare import question_prompt
-from vicrop_jax.maps import high_pass_mask
+from vicrop_jax.vicrop._prepare import question_prompt
+from vicrop_jax.vicrop.maps import high_pass_mask
 from vicrop_jax.prompts import GENERAL_QUESTION
-from tiny_models import instructblip_config, llava_config, save_instructblip, save_llava
+from vicrop_jax.testing.hf_models import instructblip_config, llava_config, save_instructblip, save_llava
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import torch_reference  # noqa: E402
+from benchmarks import torch_reference
 
 QUESTION = "What is the color of the small shape ?"
 

@@ -18,12 +18,12 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from vicrop_jax.clip_vit import ClipVisionConfig
-from vicrop_jax.eva_vit import EvaVisionConfig
-from vicrop_jax.instructblip import InstructBlip, InstructBlipConfig
-from vicrop_jax.llama import LlamaConfig
-from vicrop_jax.llava import Llava, LlavaConfig
-from vicrop_jax.qformer import QFormerConfig
+from vicrop_jax.nn.clip_vit import ClipVisionConfig
+from vicrop_jax.nn.eva_vit import EvaVisionConfig
+from vicrop_jax.nn.instructblip import InstructBlip, InstructBlipConfig
+from vicrop_jax.nn.llama import LlamaConfig
+from vicrop_jax.nn.llava import Llava, LlavaConfig
+from vicrop_jax.nn.qformer import QFormerConfig
 from vicrop_jax.sharding import describe, parameter_specs
 
 M = "model"
@@ -126,7 +126,7 @@ import vicrop_jax
 from vicrop_jax import sharding
 from vicrop_jax._generation import pixel_values, prompt_inputs
 from vicrop_jax.prompts import instructblip_prompt, llava_prompt
-from tiny_models import instructblip_config, llava_config, save_instructblip, save_llava
+from vicrop_jax.testing.hf_models import instructblip_config, llava_config, save_instructblip, save_llava
 from PIL import Image
 
 QUESTION = "What is the color of the small shape ?"

@@ -8,7 +8,6 @@ the high-pass mask with torch's conv2d / a sorted-window median instead of the n
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
 from benchmarks import torch_reference as ref  # noqa: E402
-from tiny_models import instructblip_config, llava_config, save_instructblip, save_llava  # noqa: E402
+from vicrop_jax.testing.hf_models import instructblip_config, llava_config, save_instructblip, save_llava  # noqa: E402
 
 IMAGE_SIZE = 56  # 4 x 4 patch grid
 GRID = IMAGE_SIZE // 14

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 import vicrop_jax
-from vicrop_jax import _vicrop
+from vicrop_jax.vicrop import _api as _vicrop
 from vicrop_jax._generation import pixel_values
-from vicrop_jax.boxes import crop_and_resize_jax, tile_grid
-from tiny_models import instructblip_config, llava_config, save_instructblip, save_llava
+from vicrop_jax.vicrop.boxes import crop_and_resize_jax, tile_grid
+from vicrop_jax.testing.hf_models import instructblip_config, llava_config, save_instructblip, save_llava
 
 QUESTION = "What is the color of the small shape ?"
 METHODS = ["rel_att", "grad_att", "pure_grad"]

@@ -18,8 +18,8 @@ Everything else is importable for research use but private by convention.
 from vicrop_jax import viz
 from vicrop_jax._generation import generate
 from vicrop_jax._loading import Model, load
-from vicrop_jax._vicrop import Answer, answer, answer_batch, importance_map
-from vicrop_jax.boxes import select_bbox
+from vicrop_jax.vicrop._api import Answer, answer, answer_batch, importance_map
+from vicrop_jax.vicrop.boxes import select_bbox
 
 __all__ = [
     "Answer", "Model", "answer", "answer_batch", "generate", "importance_map", "load", "select_bbox", "viz",

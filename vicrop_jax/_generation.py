@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 
 from vicrop_jax._loading import Model
-from vicrop_jax.decoding import greedy_generate, pad_prompt, strip_generated
+from vicrop_jax.nn.decoding import greedy_generate, pad_prompt, strip_generated
 from vicrop_jax.preprocessing import preprocess_batch
 
 ImageLike = str | os.PathLike | PIL.Image.Image | np.ndarray

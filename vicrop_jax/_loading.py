@@ -20,8 +20,8 @@ import numpy as np
 from flax import traverse_util
 
 from vicrop_jax._tokenizer import Tokenizer
-from vicrop_jax.instructblip import InstructBlip, InstructBlipConfig
-from vicrop_jax.llava import Llava, LlavaConfig
+from vicrop_jax.nn.instructblip import InstructBlip, InstructBlipConfig
+from vicrop_jax.nn.llava import Llava, LlavaConfig
 from vicrop_jax.preprocessing import ImageProcessorConfig
 from weights_conversion.core import IDENTITY, Table, flax_to_hf, hf_to_flax, rename_keys, resolve_checkpoint_folder
 from weights_conversion.instructblip_table import INSTRUCTBLIP_KEY_ALIASES, instructblip_table

@@ -14,7 +14,7 @@ DEMO_SEED, DEMO_INDEX = 2, 25  # a held-out synthetic scene (training used seed 
 
 def run_demo(args: argparse.Namespace) -> int:
     import vicrop_jax
-    from vicrop_jax.synthetic import make_record
+    from vicrop_jax.testing.synthetic import make_record
 
     model = vicrop_jax.load(args.model)
     record = make_record(DEMO_SEED, args.index)

@@ -9,9 +9,9 @@ vision-language models (LLaVA since 4.52), should a version write InstructBLIP t
 
 from __future__ import annotations
 
-from vicrop_jax.eva_vit import EvaVisionConfig
-from vicrop_jax.instructblip import InstructBlipConfig
-from vicrop_jax.qformer import QFormerConfig
+from vicrop_jax.nn.eva_vit import EvaVisionConfig
+from vicrop_jax.nn.instructblip import InstructBlipConfig
+from vicrop_jax.nn.qformer import QFormerConfig
 from weights_conversion.core import CONV2D, IDENTITY, Table, dense, layer_norm
 from weights_conversion.tables import llama_table
 

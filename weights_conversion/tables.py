@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from vicrop_jax.clip_vit import ClipVisionConfig
-from vicrop_jax.llama import LlamaConfig
-from vicrop_jax.llava import LlavaConfig
+from vicrop_jax.nn.clip_vit import ClipVisionConfig
+from vicrop_jax.nn.llama import LlamaConfig
+from vicrop_jax.nn.llava import LlavaConfig
 from weights_conversion.core import CONV2D, IDENTITY, LINEAR, Table, dense, layer_norm
 
 # transformers 5 writes LLaVA in the layout of the published llava-hf checkpoints; other layouts

@@ -1,6 +1,6 @@
 """The paper's analyses on a held-out synthetic set, for the embedded model (or any LLaVA checkpoint).
 
-    python benchmarks/synthetic/evaluate.py --model vicrop-tiny --count 1000 --out runs/synthetic
+    python -m benchmarks.synthetic.evaluate --model vicrop-tiny --count 1000 --out runs/synthetic
 
 1. Writes the held-out set (seed 1; training used seed 0) in SPEC section 7 format, unless present.
 2. Runs `vicrop-jax eval`'s runner once per method (none, gt, random, center, rel_att, grad_att,
@@ -25,13 +25,14 @@ import numpy as np
 from PIL import Image
 
 import vicrop_jax
-from vicrop_jax import maps, select_bbox
+from vicrop_jax import select_bbox
+from vicrop_jax.vicrop import maps
 from vicrop_jax._generation import pixel_values
-from vicrop_jax._prepare import map_options, prompt_arrays, question_prompt
+from vicrop_jax.vicrop._prepare import map_options, prompt_arrays, question_prompt
 from vicrop_jax.evaluation.metrics import TERCILES, attention_ratio, tercile, tercile_edges
 from vicrop_jax.evaluation.results import read_results
 from vicrop_jax.evaluation.runner import EvalSettings, evaluate
-from vicrop_jax.synthetic import write_dataset
+from vicrop_jax.testing.synthetic import write_dataset
 
 EVAL_SEED = 1
 METHODS = ("none", "gt", "random", "center", "rel_att", "grad_att", "pure_grad")

@@ -1,9 +1,9 @@
 """Train vicrop-tiny: a small LLaVA-1.5-architecture model, from scratch, on synthetic small-detail VQA.
 
-    python benchmarks/synthetic/train.py --out vicrop_jax/models/vicrop-tiny
+    python -m benchmarks.synthetic.train --out vicrop_jax/models/vicrop-tiny
 
 CLIP ViT (112 px, patch 14: 8x8 image tokens) -> GELU projector -> LLaMA decoder (4 layers, width 192),
-trained with optax AdamW on scenes from `vicrop_jax.synthetic` (training seed 0; evaluation uses other
+trained with optax AdamW on scenes from `vicrop_jax.testing.synthetic` (training seed 0; evaluation uses other
 seeds). The ViT has one layer and LLaVA's `vision_feature_layer: -2` takes the hidden state before it, so
 the image tokens are the CLIP patch embeddings, local to their patch: a ViT trained from scratch with
 several layers learned to gather the boxed shape into a few fixed patches, from which the decoder then
@@ -37,14 +37,14 @@ import numpy as np
 import optax
 
 import vicrop_jax
-from evaluate import by_layer, layer_analysis
-from vicrop_jax._config import MAP_LAYER_KEY
-from vicrop_jax._tiny_checkpoint import llava_hf_config, init_llava_params, write_llava_checkpoint
+from benchmarks.synthetic.evaluate import by_layer, layer_analysis
+from vicrop_jax.nn._config import MAP_LAYER_KEY
+from vicrop_jax.testing.checkpoints import llava_hf_config, init_llava_params, write_llava_checkpoint
 from vicrop_jax._tokenizer import Tokenizer
-from vicrop_jax.llava import Llava, LlavaConfig
+from vicrop_jax.nn.llava import Llava, LlavaConfig
 from vicrop_jax.preprocessing import ImageProcessorConfig, preprocess
 from vicrop_jax.prompts import GENERAL_QUESTION, llava_prompt
-from vicrop_jax.synthetic import BACKGROUNDS, RELATIVE_BOX_SIDES, SHAPES, make_record
+from vicrop_jax.testing.synthetic import BACKGROUNDS, RELATIVE_BOX_SIDES, SHAPES, make_record
 
 TRAIN_SEED = 0
 CALIBRATION_SEED = 4  # scenes that choose the map layer (evaluation uses seed 1)

@@ -49,10 +49,10 @@ import PIL.Image
 from jax.sharding import Mesh
 
 import vicrop_jax
-from vicrop_jax import _vicrop
+from vicrop_jax.vicrop import _api as _vicrop
 from vicrop_jax._generation import prompt_inputs
 from vicrop_jax._loading import Model
-from vicrop_jax._prepare import map_options, question_prompt
+from vicrop_jax.vicrop._prepare import map_options, question_prompt
 from vicrop_jax.evaluation.datasets import Record, check_options, read_dataset, record_options
 from vicrop_jax.evaluation.metrics import area_fraction, score_answer
 from vicrop_jax.evaluation.progress import Progress

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax._config import check_supported
+from vicrop_jax.nn._config import check_supported
 
 CROSS_ATTENTION_PROBS = "cross_attention_probs"
 

@@ -14,10 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax._config import MAP_LAYER_KEY, check_supported
-from vicrop_jax._merge import LanguageModelMethods
-from vicrop_jax.clip_vit import ClipVisionConfig, ClipVisionTransformer
-from vicrop_jax.llama import KVCache, LlamaConfig, LlamaForCausalLM
+from vicrop_jax.nn._config import MAP_LAYER_KEY, check_supported
+from vicrop_jax.nn._merge import LanguageModelMethods
+from vicrop_jax.nn.clip_vit import ClipVisionConfig, ClipVisionTransformer
+from vicrop_jax.nn.llama import KVCache, LlamaConfig, LlamaForCausalLM
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from vicrop_jax._generation import encode_images
-from vicrop_jax.decoding import prefill, stack_prompts
-from vicrop_jax.llama import ATTENTION_PROBS, KVCache
-from vicrop_jax.maps import MapOptions, PromptArrays, _head_mean, _score, _sown, pixel_gradient_map
+from vicrop_jax.nn.decoding import prefill, stack_prompts
+from vicrop_jax.nn.llama import ATTENTION_PROBS, KVCache
+from vicrop_jax.vicrop.maps import MapOptions, PromptArrays, _head_mean, _score, _sown, pixel_gradient_map
 
 
 def prefill_prefix(module, params, features: jax.Array, prefix_ids: jax.Array, cache_length: int) -> KVCache:

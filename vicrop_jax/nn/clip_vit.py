@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax._attention import fits_all_heads, head_by_head
-from vicrop_jax._config import check_supported
+from vicrop_jax.nn._attention import fits_all_heads, head_by_head
+from vicrop_jax.nn._config import check_supported
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

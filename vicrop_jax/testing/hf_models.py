@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from vicrop_jax._tiny_checkpoint import CLIP_MEAN, CLIP_STD, SPECIAL_TOKENS, word_level_tokenizer
+from vicrop_jax.testing.checkpoints import CLIP_MEAN, CLIP_STD, SPECIAL_TOKENS, word_level_tokenizer
 
 WORDS = (
     "USER ASSISTANT : . , ? ! Answer the question using a single word or phrase What is color of "

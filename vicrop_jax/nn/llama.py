@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax._attention import fits_all_heads, head_by_head, masked_softmax
-from vicrop_jax._config import check_supported, get_rope_parameters
+from vicrop_jax.nn._attention import fits_all_heads, head_by_head, masked_softmax
+from vicrop_jax.nn._config import check_supported, get_rope_parameters
 
 ATTENTION_PROBS = "attention_probs"
 

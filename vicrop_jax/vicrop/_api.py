@@ -23,14 +23,14 @@ from jaxlib.version import __version_info__ as jaxlib_version
 
 from vicrop_jax._generation import ImageLike, encode_images, generate_ids, pixel_values, prompt_inputs
 from vicrop_jax._loading import Model
-from vicrop_jax._prepare import map_options, prompt_arrays, question_prompt
-from vicrop_jax.boxes import (
+from vicrop_jax.vicrop._prepare import map_options, prompt_arrays, question_prompt
+from vicrop_jax.vicrop.boxes import (
     center_box, crop_and_resize_jax, grow_box, random_box, select_bbox, select_bbox_jax, stitch_maps, tile_boxes,
     tile_grid,
 )
-from vicrop_jax.decoding import decode_from, prefill, stack_prompts, strip_generated
-from vicrop_jax.maps import MapOptions, PromptArrays, device_map, high_pass_mask
-from vicrop_jax._prefix import prefill_prefix, prefix_answer_passes, prefix_map_passes
+from vicrop_jax.nn.decoding import decode_from, prefill, stack_prompts, strip_generated
+from vicrop_jax.vicrop.maps import MapOptions, PromptArrays, device_map, high_pass_mask
+from vicrop_jax.vicrop._prefix import prefill_prefix, prefix_answer_passes, prefix_map_passes
 from vicrop_jax.preprocessing import load_image
 
 MAP_METHODS = ("rel_att", "grad_att", "pure_grad")

@@ -6,7 +6,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.llama import KVCache
+from vicrop_jax.nn.llama import KVCache
 
 
 def merge_image_features(

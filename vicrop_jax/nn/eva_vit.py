@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax._config import check_supported
+from vicrop_jax.nn._config import check_supported
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -6,8 +6,8 @@ import numpy as np
 
 from vicrop_jax._generation import prompt_inputs
 from vicrop_jax._loading import Model
-from vicrop_jax.decoding import bucket_length
-from vicrop_jax.maps import DEFAULT_LAYER, MapOptions, PromptArrays, check_options
+from vicrop_jax.nn.decoding import bucket_length
+from vicrop_jax.vicrop.maps import DEFAULT_LAYER, MapOptions, PromptArrays, check_options
 from vicrop_jax.prompts import GENERAL_QUESTION, instructblip_prompt, llava_prompt
 
 

@@ -24,11 +24,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax._config import MAP_LAYER_KEY, check_supported
-from vicrop_jax._merge import LanguageModelMethods
-from vicrop_jax.eva_vit import EvaVisionConfig, EvaVisionTransformer
-from vicrop_jax.llama import KVCache, LlamaConfig, LlamaForCausalLM
-from vicrop_jax.qformer import QFormerConfig, QFormerModel
+from vicrop_jax.nn._config import MAP_LAYER_KEY, check_supported
+from vicrop_jax.nn._merge import LanguageModelMethods
+from vicrop_jax.nn.eva_vit import EvaVisionConfig, EvaVisionTransformer
+from vicrop_jax.nn.llama import KVCache, LlamaConfig, LlamaForCausalLM
+from vicrop_jax.nn.qformer import QFormerConfig, QFormerModel
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

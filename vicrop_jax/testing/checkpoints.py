@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 
-from vicrop_jax.llava import Llava, LlavaConfig
+from vicrop_jax.nn.llava import Llava, LlavaConfig
 from weights_conversion.core import flax_to_hf
 from weights_conversion.safetensors_io import write_checkpoint
 from weights_conversion.tables import llava_table

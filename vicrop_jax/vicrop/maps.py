@@ -19,7 +19,7 @@ import numpy as np
 import PIL.Image
 from flax import traverse_util
 
-from vicrop_jax.llama import ATTENTION_PROBS, KVCache
+from vicrop_jax.nn.llama import ATTENTION_PROBS, KVCache
 from vicrop_jax.prompts import GENERAL_QUESTION
 
 METHODS = ("rel_att", "grad_att", "pure_grad")

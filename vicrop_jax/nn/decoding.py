@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vicrop_jax.llama import KVCache
+from vicrop_jax.nn.llama import KVCache
 
 BUCKET = 32  # padding of a prompt: small enough to waste little work, large enough for few compiles
 PAD_TOKEN = -1
