@@ -73,10 +73,10 @@ def workload(name: str, count: int) -> tuple[list, list[str]]:
 
 def map_layer(folder: Path) -> int:
     """vicrop_jax's default map layer of the checkpoint (vicrop-tiny names its own), for both sides."""
-    from vicrop_jax.vicrop._prepare import default_map_layer
-    from vicrop_jax.nn.llava import LlavaConfig
+    import vicrop_jax
+    from vicrop_jax.vicrop.methods import default_map_layer
 
-    return default_map_layer("llava", LlavaConfig.from_hf_config(json.loads((folder / "config.json").read_text())))
+    return default_map_layer(vicrop_jax.load(folder))
 
 
 def load_reference(folder: Path):

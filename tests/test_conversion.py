@@ -15,7 +15,8 @@ from flax import traverse_util
 from transformers import LlavaForConditionalGeneration
 
 import vicrop_jax
-from vicrop_jax._loading import abstract_params, architecture_for, save_hf_checkpoint
+from vicrop_jax._loading import abstract_params, save_hf_checkpoint
+from vicrop_jax.families import family_for
 from vicrop_jax.cli import main as cli_main
 from vicrop_jax.nn.llava import Llava
 from weights_conversion.core import CheckpointMismatchError
@@ -117,7 +118,7 @@ def test_unsupported_config_attribute_is_refused(checkpoint):
     config = json.loads((checkpoint / "config.json").read_text())
     config["text_config"]["hidden_act"] = "gelu"
     with pytest.raises(ValueError, match=r"text_config.hidden_act = 'gelu' is not supported"):
-        architecture_for(config)
+        family_for(config).read_config(config)
 
 
 def test_pickles_are_refused_unless_opted_in(checkpoint, tmp_path):
@@ -154,9 +155,50 @@ def test_full_size_llava_7b_shapes_without_memory():
                           "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
                           "image_size": 336, "patch_size": 14},
     }
-    arch = architecture_for(hf)
-    tree = abstract_params(arch, Llava(arch.config))
+    family = family_for(hf)
+    config = family.read_config(hf)
+    tree = abstract_params(family, config, Llava(config))
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
-    assert arch.config.tokens_per_image == 576
+    assert config.tokens_per_image == 576
     assert 7.0e9 < count < 7.1e9
-    assert len(arch.table) == len(jax.tree_util.tree_leaves(tree))
+    assert len(family.conversion_table(config)) == len(jax.tree_util.tree_leaves(tree))
+
+
+def seven_b_configs():
+    """llava-1.5-7b-hf and instructblip-vicuna-7b configs as transformers builds them for those sizes."""
+    from transformers import CLIPVisionConfig, InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
+    from transformers import LlamaConfig, LlavaConfig
+
+    vicuna = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+    llava = LlavaConfig(
+        text_config=LlamaConfig(vocab_size=32064, pad_token_id=32001, **vicuna),
+        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    blip = InstructBlipConfig(
+        vision_config=InstructBlipVisionConfig().to_dict(), qformer_config=InstructBlipQFormerConfig().to_dict(),
+        text_config=LlamaConfig(vocab_size=32001, pad_token_id=0, **vicuna).to_dict(), num_query_tokens=32,
+        image_token_index=32001,
+    )
+    return {"llava": llava, "instructblip": blip}
+
+
+@pytest.mark.parametrize("name", ["llava", "instructblip"])
+def test_full_size_configs_as_transformers_writes_them_are_read_and_new_attributes_refused(name, tmp_path):
+    hf_config = seven_b_configs()[name]
+    hf_config.save_pretrained(tmp_path)
+    for written in (json.loads((tmp_path / "config.json").read_text()), hf_config.to_dict()):
+        family = family_for(written)
+        config = family.read_config(written)
+        assert config.text.num_layers == 32 and config.image_size == (336 if name == "llava" else 224)
+    full = hf_config.to_dict()
+    full["vision_config"]["use_rotary_positions"] = True
+    with pytest.raises(ValueError, match=r"vision_config.use_rotary_positions = True is not handled by vicrop_jax"):
+        family.read_config(full)
+    full = hf_config.to_dict()
+    full["text_config"]["pruned_heads"] = {"3": [0, 1]}
+    with pytest.raises(ValueError, match=r"text_config.pruned_heads = .* is not handled .*\(handled at \{\} only\)"):
+        family.read_config(full)
+

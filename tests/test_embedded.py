@@ -20,6 +20,7 @@ from vicrop_jax.cli import DEMO_INDEX, DEMO_SEED
 from vicrop_jax.cli import main as cli_main
 from vicrop_jax.evaluation.datasets import read_dataset
 from vicrop_jax.evaluation.metrics import attention_ratio
+from vicrop_jax.families import LLAVA
 from vicrop_jax.prompts import llava_prompt
 from vicrop_jax.testing.synthetic import BOX_COLOURS, RELATIVE_BOX_SIDES, SHAPES, make_record, write_dataset
 
@@ -63,7 +64,7 @@ def test_written_dataset_is_in_the_spec_format(tmp_path):
 def test_embedded_model_loads_by_name_and_fits_the_wheel(model):
     folder = checkpoint_folder("vicrop-tiny")
     assert sum(f.stat().st_size for f in folder.iterdir()) < 25e6
-    assert model.kind == "llava" and model.config.image_size == 112 and model.path == folder
+    assert model.family is LLAVA and model.config.image_size == 112 and model.path == folder
 
 
 def test_embedded_model_matches_transformers(model):
@@ -126,9 +127,9 @@ def test_attention_ratio_of_maps_without_mass_outside_the_box_or_at_all():
 def test_training_script_writes_a_checkpoint_that_loads_and_differs_from_its_start(tmp_path):
     out = tmp_path / "trained"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/synthetic/train.py"), "--out", str(out), "--steps", "2",
+        [sys.executable, "-m", "benchmarks.synthetic.train", "--out", str(out), "--steps", "2",
          "--batch-size", "2", "--log-every", "2", "--calibration-scenes", "3"], capture_output=True, text=True,
-        check=True,
+        check=True, cwd=ROOT,
     )
     assert "step 2" in result.stdout and "wrote" in result.stdout
     trained = vicrop_jax.load(out)
@@ -143,8 +144,9 @@ def test_training_script_writes_a_checkpoint_that_loads_and_differs_from_its_sta
 
 def test_evaluation_script_reports_terciles_methods_and_attention_ratios(tmp_path):
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/synthetic/evaluate.py"), "--count", "6", "--out", str(tmp_path),
+        [sys.executable, "-m", "benchmarks.synthetic.evaluate", "--count", "6", "--out", str(tmp_path),
          "--methods", "none", "gt", "rel_att", "--batch-size", "6"], capture_output=True, text=True, check=True,
+        cwd=ROOT,
     )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["questions"] == 6 and set(summary["accuracy"]) == {"none", "gt", "rel_att"}

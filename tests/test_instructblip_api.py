@@ -11,6 +11,7 @@ from transformers import BlipImageProcessor, InstructBlipProcessor, PreTrainedTo
 import vicrop_jax
 from vicrop_jax._generation import pixel_values, prompt_inputs
 from vicrop_jax.cli import main as cli_main
+from vicrop_jax.families import INSTRUCTBLIP
 from vicrop_jax.prompts import instructblip_prompt
 from vicrop_jax.testing.hf_models import instructblip_config, save_instructblip
 
@@ -74,5 +75,5 @@ def test_flax_conversion_keeps_both_tokenizers(checkpoint, tmp_path):
     assert cli_main(["convert", str(folder), str(tmp_path / "flax")]) == 0
     converted = vicrop_jax.load(tmp_path / "flax")
     original = vicrop_jax.load(folder)
-    assert converted.kind == "instructblip"
+    assert converted.family is INSTRUCTBLIP
     assert vicrop_jax.generate(converted, [image(0)], PROMPT) == vicrop_jax.generate(original, [image(0)], PROMPT)

@@ -10,7 +10,7 @@ from PIL import Image
 
 import vicrop_jax
 from vicrop_jax._generation import pixel_values, prompt_inputs
-from vicrop_jax.vicrop._prepare import question_prompt
+from vicrop_jax.families import LLAVA
 from vicrop_jax.vicrop.maps import high_pass_mask
 from vicrop_jax.prompts import GENERAL_QUESTION
 from vicrop_jax.testing.hf_models import instructblip_config, llava_config, save_instructblip, save_llava
@@ -33,11 +33,11 @@ def pair(request, tmp_path_factory):
 def reference_map(model, reference, image, method, **options):
     """The same map from the PyTorch reference, fed the same token ids and pixels."""
     pixels = torch.tensor(pixel_values(model, [image]).transpose(0, 3, 1, 2))
-    question, question_text = prompt_inputs(model, question_prompt(model, QUESTION), 1)
-    general, general_text = prompt_inputs(model, question_prompt(model, GENERAL_QUESTION), 1)
+    question, question_text = prompt_inputs(model, model.family.prompt(QUESTION), 1)
+    general, general_text = prompt_inputs(model, model.family.prompt(GENERAL_QUESTION), 1)
     high_pass = torch_reference.high_pass_mask(image, model.config.image_size)
     ids = lambda tokens: torch.tensor([tokens])
-    if model.kind == "llava":
+    if model.family is LLAVA:
         return torch_reference.llava_maps(reference, ids(question), ids(general), pixels, method=method,
                                           high_pass=high_pass, **options)
     text = lambda arrays: [torch.tensor(a[:, : int(arrays[1].sum())]) for a in arrays]

@@ -9,27 +9,20 @@ import pytest
 from PIL import Image
 
 import vicrop_jax
-from vicrop_jax.vicrop import _api as _vicrop
 from vicrop_jax._generation import pixel_values
-from vicrop_jax.vicrop.boxes import crop_and_resize_jax, tile_grid
-from vicrop_jax.testing.hf_models import instructblip_config, llava_config, save_instructblip, save_llava
+from vicrop_jax.families import INSTRUCTBLIP, LLAVA
+from vicrop_jax.vicrop import _api as _vicrop, _pipeline
+from vicrop_jax.vicrop.boxes import tile_grid
+from vicrop_jax.vicrop.methods import resolve_method
+from vicrop_jax.testing.hf_models import llava_config, noise_image as scene, save_llava
 
 QUESTION = "What is the color of the small shape ?"
 METHODS = ["rel_att", "grad_att", "pure_grad"]
 
 
-@pytest.fixture(scope="module", params=["llava", "instructblip"])
-def model(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    if request.param == "llava":
-        save_llava(folder, llava_config(image_size=56, text_layers=3))
-    else:
-        save_instructblip(folder, instructblip_config(image_size=56))
-    return vicrop_jax.load(folder)
-
-
-def scene(width: int = 150, height: int = 110, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (height, width, 3), np.uint8))
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -51,12 +44,7 @@ def test_device_crop_matches_the_host_crop_within_preprocessing_tolerance(model)
     """The jitted crop+resize vs PIL crop + the checkpoint's image processor, in normalised units."""
     image = scene(300, 200)
     box = (40, 30, 152, 142)
-    size = model.config.image_size
-    array, valid = _vicrop._image_array(image)
-    static = _vicrop._model_static(model)
-    device = _vicrop._normalize_crop(
-        crop_and_resize_jax(array.astype(np.float32), valid, np.array(box), (size, size)), static[2]
-    )
+    device = _vicrop.device_crop(model, image, box)
     host = pixel_values(model, [image.crop(box)])[0]
     difference = np.abs(np.asarray(device) - host)
     assert difference.mean() < 0.02  # bicubic kernels differ slightly (JAX vs Pillow); see tests/test_boxes.py
@@ -66,10 +54,10 @@ def test_device_crop_matches_the_host_crop_within_preprocessing_tolerance(model)
 def test_a_new_question_reuses_the_compiled_pipeline(model):
     image = scene()
     vicrop_jax.answer(model, image, QUESTION, "rel_att", layer=1)
-    compiled = _vicrop._pipeline.programs[False]._cache_size()
+    compiled = _pipeline.compiled_programs()
     vicrop_jax.answer(model, scene(seed=5), "What is the shape on the left ?", "rel_att", layer=1)
     vicrop_jax.answer(model, scene(160, 100, seed=6), "how many ?", "rel_att", layer=1)
-    assert _vicrop._pipeline.programs[False]._cache_size() == compiled
+    assert _pipeline.compiled_programs() == compiled
 
 
 def test_answer_batch_equals_one_by_one(model):
@@ -130,7 +118,7 @@ def test_bad_options_are_refused_with_the_valid_range(model):
         vicrop_jax.answer(model, image, QUESTION, "saliency")
     with pytest.raises(ValueError, match="needs the ground-truth box"):
         vicrop_jax.answer(model, image, QUESTION, "gt")
-    if model.kind == "instructblip":
+    if model.family is INSTRUCTBLIP:
         with pytest.raises(ValueError, match=r"qformer_layer 5 is out of range.*0\.\.2"):
             vicrop_jax.importance_map(model, image, QUESTION, "rel_att", layer=1, qformer_layer=5)
 
@@ -138,10 +126,10 @@ def test_bad_options_are_refused_with_the_valid_range(model):
 def test_default_map_layer_is_the_checkpoints_own_else_the_middle_one(model):
     """A config may name its map layer (`vicrop_attention_layer`); without it a shallow model uses the middle."""
     middle = model.config.text.num_layers // 2
-    assert _vicrop.map_options(model, "rel_att").layer == middle
+    assert resolve_method(model, "rel_att").layer == middle
     named = dataclasses.replace(model, config=dataclasses.replace(model.config, map_layer=0))
-    assert _vicrop.map_options(named, "rel_att").layer == 0
-    assert _vicrop.map_options(named, "rel_att", layer=middle).layer == middle
+    assert resolve_method(named, "rel_att").layer == 0
+    assert resolve_method(named, "rel_att", layer=middle).layer == middle
     image = scene()
     np.testing.assert_array_equal(vicrop_jax.importance_map(named, image, QUESTION, "rel_att"),
                                   vicrop_jax.importance_map(model, image, QUESTION, "rel_att", layer=0))
@@ -167,13 +155,11 @@ def test_viz_writes_an_overlay_png(model, tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 def test_prefix_cached_maps_equal_whole_prompt_maps(model, method):
     """LLaVA's maps from the shared prefix cache equal the maps of full forwards over whole prompts."""
-    if model.kind != "llava":
+    if model.family is not LLAVA:
         pytest.skip("InstructBLIP's prefix differs per prompt (the Q-Former reads the text)")
     image = scene()
-    options = _vicrop.map_options(model, method, layer=1)
-    pixels = pixel_values(model, [image])[0]
-    whole = _vicrop._map_jit(model.module, model.params, pixels, *_vicrop._map_inputs(model, image, QUESTION, options),
-                             options=options)
+    options = resolve_method(model, method, layer=1)
+    whole = _vicrop.whole_prompt_map(model, image, QUESTION, options)
     cached = vicrop_jax.importance_map(model, image, QUESTION, method, layer=1)
     np.testing.assert_allclose(cached, np.asarray(whole), rtol=1e-4, atol=1e-7)
 
@@ -189,11 +175,8 @@ def test_pure_grad_backward_keeps_each_layers_input_only(tmp_path):
         save_llava(folder, llava_config(image_size=112, text_layers=layers, vision_layers=layers, width=64,
                                         vision_width=64))
         model = vicrop_jax.load(folder)
-        options = _vicrop.map_options(model, "pure_grad", layer=1)
-        pixels = pixel_values(model, [image])[0]
-        program = _vicrop._prefix_map_jit.programs[True]
-        lowered = program.lower(_vicrop._model_static(model), model.params, pixels,
-                                *_vicrop._map_inputs(model, image, QUESTION, options), options=options)
+        options = resolve_method(model, "pure_grad", layer=1)
+        lowered = _vicrop.lower_map(model, image, QUESTION, options)
         return lowered.compile().memory_analysis().temp_size_in_bytes
 
     tokens_by_width = (1 + (112 // 14) ** 2) * 64 * 4  # bytes of one [tokens, width] float32 array

@@ -15,10 +15,6 @@ from vicrop_jax.nn.decoding import greedy_generate, pad_prompt, strip_generated
 from vicrop_jax.preprocessing import preprocess_batch
 
 ImageLike = str | os.PathLike | PIL.Image.Image | np.ndarray
-IMAGE_MARKER = "<image>"
-
-
-QFORMER_BUCKET = 32
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -40,35 +36,14 @@ def pixel_values(model: Model, images: Sequence[ImageLike]) -> np.ndarray:
 
 
 def prompt_inputs(model: Model, prompt: str, num_images: int) -> tuple[list[int], tuple[np.ndarray, ...]]:
-    """LM token ids with image placeholders, and the extra inputs of `encode_images` (none for LLaVA).
-
-    LLaVA: each `<image>` marker of the prompt becomes one position per visual token. InstructBLIP: the
-    query placeholders of all images come first, then the tokenized prompt (BOS included), as transformers'
-    processor builds them; the Q-Former reads the same prompt with its own tokenizer, padded to a bucket.
-    """
-    if model.kind == "llava":
-        return prompt_ids(model, prompt, num_images), ()
-    ids = [model.config.image_token_id] * model.config.tokens_per_image * num_images + model.tokenizer.encode(prompt)
-    qformer_ids = model.qformer_tokenizer.encode(prompt)
-    padded, length = pad_prompt(qformer_ids, bucket=QFORMER_BUCKET)
-    mask = (np.arange(len(padded)) < length).astype(np.int32)
-    return ids, (np.tile(padded, (num_images, 1)), np.tile(mask, (num_images, 1)))
+    """LM token ids with image placeholders, and the extra inputs of `encode_images` (none for LLaVA), as the
+    model's family builds them."""
+    return model.family.prompt_inputs(model, prompt, num_images)
 
 
 def prompt_ids(model: Model, prompt: str, num_images: int) -> list[int]:
-    """LLaVA token ids with each `<image>` marker expanded to one position per visual token."""
-    ids = model.tokenizer.encode(prompt)
-    image_id = model.config.image_token_id
-    found = ids.count(image_id)
-    if found != num_images:
-        raise ValueError(
-            f"the prompt has {found} {IMAGE_MARKER} marker(s) but {num_images} image(s) were given; put one "
-            f"{IMAGE_MARKER} per image where it belongs (see vicrop_jax.prompts.llava_prompt)"
-        )
-    expanded: list[int] = []
-    for token in ids:
-        expanded.extend([token] * model.config.tokens_per_image if token == image_id else [token])
-    return expanded
+    """The LM token ids of a prompt over `num_images` images (image placeholders expanded)."""
+    return prompt_inputs(model, prompt, num_images)[0]
 
 
 def generate_ids(

@@ -20,69 +20,28 @@ import numpy as np
 from flax import traverse_util
 
 from vicrop_jax._tokenizer import Tokenizer
-from vicrop_jax.nn.instructblip import InstructBlip, InstructBlipConfig
-from vicrop_jax.nn.llava import Llava, LlavaConfig
+from vicrop_jax.families import Family, family_for
 from vicrop_jax.preprocessing import ImageProcessorConfig
-from weights_conversion.core import IDENTITY, Table, flax_to_hf, hf_to_flax, rename_keys, resolve_checkpoint_folder
-from weights_conversion.instructblip_table import INSTRUCTBLIP_KEY_ALIASES, instructblip_table
+from weights_conversion.core import IDENTITY, flax_to_hf, hf_to_flax, rename_keys, resolve_checkpoint_folder
 from weights_conversion.safetensors_io import open_checkpoint, write_checkpoint
-from weights_conversion.tables import LLAVA_KEY_ALIASES, llava_table
 
 FLAX_PARAMS_FILE = "flax_params.safetensors"
-QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"
 EMBEDDED_MODELS = ("vicrop-tiny",)  # shipped in vicrop_jax/models/ (benchmarks/synthetic/train.py made them)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
-class Architecture:
-    """What differs between model families when loading: config, module, table, init inputs."""
-
-    kind: str
-    config: Any
-    module_class: type[nn.Module]
-    table: Table
-    key_aliases: tuple[tuple[str, str], ...]
-    init_inputs: tuple[np.ndarray, ...]
-
-
-def architecture_for(hf_config: dict[str, Any]) -> Architecture:
-    model_type = hf_config.get("model_type")
-    if model_type == "llava":
-        config = LlavaConfig.from_hf_config(hf_config)
-        return Architecture("llava", config, Llava, llava_table(config), LLAVA_KEY_ALIASES, _image_inputs(config))
-    if model_type == "instructblip":
-        config = InstructBlipConfig.from_hf_config(hf_config)
-        qformer_text = (np.zeros((1, 1), np.int32), np.ones((1, 1), np.int32))
-        return Architecture(
-            "instructblip", config, InstructBlip, instructblip_table(config), INSTRUCTBLIP_KEY_ALIASES,
-            _image_inputs(config) + qformer_text,
-        )
-    raise ValueError(
-        f"model_type {model_type!r} is not supported: vicrop_jax loads LLaVA-1.5 ('llava') and "
-        "InstructBLIP-Vicuna ('instructblip') checkpoints"
-    )
-
-
-def _image_inputs(config: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Input ids with one image's placeholders and one blank image: enough to build the parameters."""
-    ids = np.full((1, config.tokens_per_image + 1), config.image_token_id, np.int32)
-    pixels = np.zeros((1, 1, config.image_size, config.image_size, 3), np.float32)
-    return ids, pixels
-
-
-@dataclasses.dataclass(frozen=True)
 class Model:
-    """Everything needed to run a checkpoint: module + params (a plain pytree) + text/image processing."""
+    """Everything needed to run a checkpoint: its family, module + params (a plain pytree), text/image processing."""
 
-    kind: str
+    family: Family
     config: Any
     module: nn.Module
     params: Any
     tokenizer: Tokenizer
     image_config: ImageProcessorConfig
     path: Path
-    qformer_tokenizer: Tokenizer | None = None  # InstructBLIP's Q-Former reads the prompt with its own
+    extra_tokenizer: Tokenizer | None = None  # the family's second reader of the prompt (InstructBLIP's Q-Former)
 
 
 def resolve_dtype(dtype: Any) -> Any:
@@ -93,19 +52,20 @@ def resolve_dtype(dtype: Any) -> Any:
     return jnp.dtype(dtype).type
 
 
-def abstract_params(arch: Architecture, module: nn.Module) -> Any:
-    return jax.eval_shape(module.init, jax.random.PRNGKey(0), *arch.init_inputs)["params"]
+def abstract_params(family: Family, config: Any, module: nn.Module) -> Any:
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0), *family.init_inputs(config))["params"]
 
 
-def read_params(folder: Path, arch: Architecture, module: nn.Module, dtype: Any, allow_pickle: bool = False) -> Any:
+def read_params(folder: Path, family: Family, config: Any, module: nn.Module, dtype: Any,
+                allow_pickle: bool = False) -> Any:
     """Parameters from the Flax file if the folder has one, else from the HF safetensors via the table."""
-    abstract = abstract_params(arch, module)
+    abstract = abstract_params(family, config, module)
     if (folder / FLAX_PARAMS_FILE).exists():
         tensors = open_checkpoint(folder, filename=FLAX_PARAMS_FILE)
         identity_table = {path: ("/".join(path), IDENTITY) for path in traverse_util.flatten_dict(abstract)}
         return hf_to_flax(identity_table, tensors, abstract, dtype, source=str(folder / FLAX_PARAMS_FILE))
-    tensors = rename_keys(open_checkpoint(folder, allow_pickle=allow_pickle), arch.key_aliases)
-    return hf_to_flax(arch.table, tensors, abstract, dtype, source=f"checkpoint {folder}")
+    tensors = rename_keys(open_checkpoint(folder, allow_pickle=allow_pickle), family.key_aliases)
+    return hf_to_flax(family.conversion_table(config), tensors, abstract, dtype, source=f"checkpoint {folder}")
 
 
 def checkpoint_folder(path_or_repo_id: str | os.PathLike) -> Path:
@@ -117,30 +77,27 @@ def checkpoint_folder(path_or_repo_id: str | os.PathLike) -> Path:
 
 
 def load(path_or_repo_id: str | os.PathLike, dtype: Any = "float32", *, allow_pickle: bool = False,
-         place: Callable[[Any], Any] = jax.device_put) -> Model:
+         place: Callable[[Any], Any] = jax.device_put, family: Family | None = None) -> Model:
     """Load a LLaVA-1.5 or InstructBLIP-Vicuna checkpoint folder, a repo id in the local HF cache, or an
     embedded model by name (`"vicrop-tiny"`, trained on synthetic small-detail VQA, see README).
 
     `place` puts the host parameter tree on devices (`sharding.load_sharded` splits it over a mesh).
+    `family` overrides the one that config.json's model_type names (a family defined outside the library).
 
     dtype is both the parameter and the compute dtype; attention logits and softmax stay float32.
     """
     folder = checkpoint_folder(path_or_repo_id)
     hf_config = json.loads((folder / "config.json").read_text())
-    arch = architecture_for(hf_config)
+    family = family or family_for(hf_config)
+    config = family.read_config(hf_config)
     dtype = resolve_dtype(dtype)
-    module = arch.module_class(arch.config, dtype=dtype, param_dtype=dtype)
-    params = place(read_params(folder, arch, module, dtype, allow_pickle))
+    module = family.module_class(config, dtype=dtype, param_dtype=dtype)
+    params = place(read_params(folder, family, config, module, dtype, allow_pickle))
     image_config = ImageProcessorConfig.from_preprocessor_config(
         json.loads((folder / "preprocessor_config.json").read_text())
     )
-    qformer_tokenizer = None
-    if arch.kind == "instructblip":
-        qformer_tokenizer = Tokenizer.from_folder(folder / QFORMER_TOKENIZER_FOLDER)
-    return Model(
-        arch.kind, arch.config, module, params, Tokenizer.from_folder(folder), image_config, folder,
-        qformer_tokenizer,
-    )
+    return Model(family, config, module, params, Tokenizer.from_folder(folder), image_config, folder,
+                 family.read_extra_tokenizer(folder))
 
 
 def save_flax_checkpoint(model: Model, out_folder: str | os.PathLike) -> Path:
@@ -156,8 +113,8 @@ def save_flax_checkpoint(model: Model, out_folder: str | os.PathLike) -> Path:
 
 def save_hf_checkpoint(model: Model, out_folder: str | os.PathLike, dtype: Any = None, max_shard_bytes=None):
     """Write params back as a Hugging Face checkpoint (safetensors in transformers' key layout)."""
-    arch = architecture_for(json.loads((model.path / "config.json").read_text()))
-    tensors = flax_to_hf(arch.table, model.params, None if dtype is None else resolve_dtype(dtype))
+    table = model.family.conversion_table(model.config)
+    tensors = flax_to_hf(table, model.params, None if dtype is None else resolve_dtype(dtype))
     out = Path(out_folder)
     write_checkpoint(tensors, out, max_shard_bytes)
     _copy_side_files(model.path, out)
@@ -171,8 +128,8 @@ def _copy_side_files(source: Path, out: Path) -> None:
     for name in _SIDE_FILES:
         if (source / name).exists():
             (out / name).write_bytes((source / name).read_bytes())
-    if (source / QFORMER_TOKENIZER_FOLDER).is_dir():
-        shutil.copytree(source / QFORMER_TOKENIZER_FOLDER, out / QFORMER_TOKENIZER_FOLDER, dirs_exist_ok=True)
+    for folder in (path for path in source.iterdir() if (path / "tokenizer.json").exists()):
+        shutil.copytree(folder, out / folder.name, dirs_exist_ok=True)  # a second tokenizer (the Q-Former's)
 
 
 _SIDE_FILES = (

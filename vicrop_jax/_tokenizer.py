@@ -46,6 +46,3 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=True).strip()
-
-    def token_id(self, token: str) -> int | None:
-        return self.backend.token_to_id(token)

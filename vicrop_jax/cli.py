@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from vicrop_jax.vicrop.methods import MAP_METHOD_NAMES, STRATEGY_NAMES
+
 
 DEMO_SEED, DEMO_INDEX = 2, 25  # a held-out synthetic scene (training used seed 0, evaluation seed 1)
 
@@ -73,8 +75,7 @@ def add_eval_parser(commands) -> None:
     evaluate.add_argument("--data", type=Path, required=True, help="JSON list, JSONL, or the TextVQA json")
     evaluate.add_argument("--images", type=Path, required=True, help="folder the records' image paths are in")
     evaluate.add_argument("--model", required=True, help="checkpoint folder or cached repo id")
-    evaluate.add_argument("--method", default="rel_att",
-                          choices=("rel_att", "grad_att", "pure_grad", "none", "gt", "random", "center"))
+    evaluate.add_argument("--method", default="rel_att", choices=STRATEGY_NAMES)
     evaluate.add_argument("--out", type=Path, required=True, help="results JSONL (appended; resumed)")
     evaluate.add_argument("--metric", default="vqa", choices=("vqa", "gqa", "mc", "pope"))
     evaluate.add_argument("--batch-size", type=int, default=8, help="rounded up to a multiple of the devices")
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="vicrop-tiny",
                       help="the embedded model (default), a LLaVA checkpoint folder or a cached repo id")
     demo.add_argument("--index", type=int, default=DEMO_INDEX, help="which generated scene")
-    demo.add_argument("--method", default="rel_att", choices=("rel_att", "grad_att", "pure_grad"))
+    demo.add_argument("--method", default="rel_att", choices=MAP_METHOD_NAMES)
     demo.add_argument("--out", default="vicrop_demo_out", help="folder for the image and outputs")
     demo.set_defaults(run=run_demo)
     convert = commands.add_parser("convert", help="convert a checkpoint once (Flax layout loads faster)")

@@ -9,9 +9,8 @@ vision-language models (LLaVA since 4.52), should a version write InstructBLIP t
 
 from __future__ import annotations
 
-from vicrop_jax.nn.eva_vit import EvaVisionConfig
-from vicrop_jax.nn.instructblip import InstructBlipConfig
-from vicrop_jax.nn.qformer import QFormerConfig
+from typing import Any  # configs: vicrop_jax.nn's frozen dataclasses, read by attribute (no import cycle)
+
 from weights_conversion.core import CONV2D, IDENTITY, Table, dense, layer_norm
 from weights_conversion.tables import llama_table
 
@@ -25,7 +24,7 @@ INSTRUCTBLIP_KEY_ALIASES = (
 )
 
 
-def eva_vision_table(config: EvaVisionConfig, flax_prefix: tuple[str, ...], hf_prefix: str) -> Table:
+def eva_vision_table(config: Any, flax_prefix: tuple[str, ...], hf_prefix: str) -> Table:
     """The fused qkv maps as one Linear: kernel = W.T ([q|k|v] column blocks), bias [q_bias; 0; v_bias] as is."""
     emb = flax_prefix + ("embeddings",)
     table: Table = {
@@ -53,7 +52,7 @@ def _qformer_attention(flax_prefix: tuple[str, ...], hf_prefix: str) -> Table:
     return table | layer_norm(flax_prefix + ("output", "LayerNorm"), f"{hf_prefix}.output.LayerNorm")
 
 
-def qformer_table(config: QFormerConfig, flax_prefix: tuple[str, ...], hf_prefix: str) -> Table:
+def qformer_table(config: Any, flax_prefix: tuple[str, ...], hf_prefix: str) -> Table:
     emb, hemb = flax_prefix + ("embeddings",), f"{hf_prefix}.embeddings"
     table: Table = {
         emb + ("word_embeddings", "embedding"): (f"{hemb}.word_embeddings.weight", IDENTITY),
@@ -72,7 +71,7 @@ def qformer_table(config: QFormerConfig, flax_prefix: tuple[str, ...], hf_prefix
     return table
 
 
-def instructblip_table(config: InstructBlipConfig) -> Table:
+def instructblip_table(config: Any) -> Table:
     return (
         eva_vision_table(config.vision, ("vision_model",), "vision_model")
         | {("query_tokens",): ("query_tokens", IDENTITY)}

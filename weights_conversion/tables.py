@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from vicrop_jax.nn.clip_vit import ClipVisionConfig
-from vicrop_jax.nn.llama import LlamaConfig
-from vicrop_jax.nn.llava import LlavaConfig
+from typing import Any  # configs: vicrop_jax.nn's frozen dataclasses, read by attribute (no import cycle)
+
 from weights_conversion.core import CONV2D, IDENTITY, LINEAR, Table, dense, layer_norm
 
 # transformers 5 writes LLaVA in the layout of the published llava-hf checkpoints; other layouts
@@ -19,7 +18,7 @@ LLAVA_KEY_ALIASES = (
 )
 
 
-def clip_vision_table(config: ClipVisionConfig, flax_prefix: tuple[str, ...], hf_prefix: str) -> Table:
+def clip_vision_table(config: Any, flax_prefix: tuple[str, ...], hf_prefix: str) -> Table:
     table: Table = {
         flax_prefix + ("embeddings", "patch_embedding", "kernel"): (
             f"{hf_prefix}.embeddings.patch_embedding.weight", CONV2D,
@@ -41,7 +40,7 @@ def clip_vision_table(config: ClipVisionConfig, flax_prefix: tuple[str, ...], hf
     return table
 
 
-def llama_table(config: LlamaConfig, flax_prefix: tuple[str, ...], hf_model: str, hf_head: str) -> Table:
+def llama_table(config: Any, flax_prefix: tuple[str, ...], hf_model: str, hf_head: str) -> Table:
     """hf_model: prefix of the decoder (`...model`), hf_head: key of the LM head weight."""
     table: Table = {
         flax_prefix + ("embed_tokens", "embedding"): (f"{hf_model}.embed_tokens.weight", IDENTITY),
@@ -60,7 +59,7 @@ def llama_table(config: LlamaConfig, flax_prefix: tuple[str, ...], hf_model: str
     return table
 
 
-def llava_table(config: LlavaConfig) -> Table:
+def llava_table(config: Any) -> Table:
     return (
         clip_vision_table(config.vision, ("vision_tower",), "vision_tower")
         | dense(("multi_modal_projector", "linear_1"), "multi_modal_projector.linear_1", config.projector_bias)

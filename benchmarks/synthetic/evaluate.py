@@ -26,9 +26,9 @@ from PIL import Image
 
 import vicrop_jax
 from vicrop_jax import select_bbox
-from vicrop_jax.vicrop import maps
 from vicrop_jax._generation import pixel_values
-from vicrop_jax.vicrop._prepare import map_options, prompt_arrays, question_prompt
+from vicrop_jax.vicrop._api import static_model
+from vicrop_jax.vicrop.methods import RelAtt, resolve_method
 from vicrop_jax.evaluation.metrics import TERCILES, attention_ratio, tercile, tercile_edges
 from vicrop_jax.evaluation.results import read_results
 from vicrop_jax.evaluation.runner import EvalSettings, evaluate
@@ -38,19 +38,20 @@ EVAL_SEED = 1
 METHODS = ("none", "gt", "random", "center", "rel_att", "grad_att", "pure_grad")
 
 
-@functools.partial(jax.jit, static_argnames=("module", "options"))
-def _attention(module, params, pixels, prompt, options):
-    return maps.attention_map(module, params, pixels, prompt, options)
+@functools.partial(jax.jit, static_argnames=("static", "method"))
+def _attention(static, params, pixels, prompt, method):
+    return method.attention(static, params, pixels, prompt)
 
 
 def attention_maps(model, scenes: list[tuple], layer: int | None = None) -> list[np.ndarray]:
     """The question prompt's attention map (rel-att's numerator) of each (image, question, bbox) scene at
     `layer` (default: the model's map layer)."""
-    options = map_options(model, "rel_att", layer=layer)
+    method = resolve_method(model, RelAtt(layer=layer))
     out = []
     for image, question, _ in scenes:
-        [prompt] = prompt_arrays(model, [question_prompt(model, question)])
-        out.append(np.asarray(_attention(model.module, model.params, pixel_values(model, [image])[0], prompt, options)))
+        [prompt] = model.family.prompt_arrays(model, [model.family.prompt(question)])
+        out.append(np.asarray(_attention(static_model(model), model.params, pixel_values(model, [image])[0], prompt,
+                                         method)))
     return out
 
 
@@ -149,7 +150,7 @@ def main() -> None:
         raise SystemExit("--methods must include none: the terciles and attention ratios are defined on it")
     model = vicrop_jax.load(args.model)
     scenes = load_scenes(records, data / "images")
-    layer = map_options(model, "rel_att").layer
+    layer = resolve_method(model, "rel_att").layer
     analysis = layer_analysis(model, scenes)
     ratios = dict(zip([r["id"] for r in records], analysis["attention_ratios"][layer]))
     summary = summarize(results, ratios, layer, by_layer(analysis))

@@ -3,7 +3,7 @@
     vicrop-jax eval --data textvqa_val.json --images train_images/ --model llava-hf/llava-1.5-7b-hf \\
         --method rel_att --batch-size 16 --metric vqa --out results/llava-textvqa-rel_att.jsonl
 
-Batched: map methods run `answer_batch`'s vmapped program (`_vicrop._pipeline_batch`), one compile per
+Batched: map methods run `answer_batch`'s vmapped program (`_pipeline.pipeline_batch`), one compile per
 image-size and prompt-length bucket; baselines and `--high-res` go record by record (`answer`).
 
 Resumable: a result line is appended per record, and each batch is flushed and fsync'd. Rerunning the
@@ -49,10 +49,12 @@ import PIL.Image
 from jax.sharding import Mesh
 
 import vicrop_jax
-from vicrop_jax.vicrop import _api as _vicrop
 from vicrop_jax._generation import prompt_inputs
 from vicrop_jax._loading import Model
-from vicrop_jax.vicrop._prepare import map_options, question_prompt
+from vicrop_jax.vicrop._api import run_padded_batch
+from vicrop_jax.vicrop.methods import (
+    GroundTruth, MapMethod, Strategy, method_from_name, option_names, resolve_method, strategy_class,
+)
 from vicrop_jax.evaluation.datasets import Record, check_options, read_dataset, record_options
 from vicrop_jax.evaluation.metrics import area_fraction, score_answer
 from vicrop_jax.evaluation.progress import Progress
@@ -147,24 +149,23 @@ def question_problem(model: Model, record: Record, max_new_tokens: int) -> str |
     text_limit = model.config.text.max_position_embeddings
     try:
         for question, images in ((record.question, 2), (record.short_question or record.question, 1)):
-            tokens = len(prompt_inputs(model, question_prompt(model, question, images), images)[0]) + max_new_tokens
+            prompt = model.family.prompt(question, images)
+            tokens = len(prompt_inputs(model, prompt, images)[0]) + max_new_tokens
             if tokens > text_limit:
                 return (f"question too long: {tokens} tokens, model allows {text_limit} (the prompt with "
                         f"{images} image(s) and {max_new_tokens} new tokens)")
-            if model.qformer_tokenizer is not None:
-                qformer_tokens = len(model.qformer_tokenizer.encode(question_prompt(model, question)))
-                qformer_limit = model.config.qformer.max_position_embeddings
-                if qformer_tokens > qformer_limit:
-                    return f"question too long: {qformer_tokens} Q-Former tokens, model allows {qformer_limit}"
+            problem = model.family.prompt_problem(model, prompt)
+            if problem is not None:
+                return problem
     except ValueError as error:  # e.g. a literal "<image>" in a LLaVA question
         return f"bad question: {error}"
     return None
 
 
-def prepare(model: Model, settings: EvalSettings, index: int, record: Record) -> Prepared:
+def prepare(model: Model, strategy: Strategy, settings: EvalSettings, index: int, record: Record) -> Prepared:
     """Host checks before batching, so that a bad record never reaches (and fails) a batch."""
     problem = question_problem(model, record, settings.max_new_tokens)
-    if problem is None and settings.method == "gt" and record.bbox is None:
+    if problem is None and isinstance(strategy, GroundTruth) and record.bbox is None:
         problem = "method 'gt' needs the record's ground-truth 'bbox'"
     if problem is not None:
         return Prepared(index, record, error=problem)
@@ -188,23 +189,28 @@ def answer_or_error(answer_fn: Callable[[list[Prepared]], list[vicrop_jax.Answer
         return [answer_or_error(answer_fn, [p])[0] for p in prepared]
 
 
-def batch_answer_fn(model: Model, settings: EvalSettings, mesh: Mesh | None, batch_size: int):
+def run_strategy(settings: EvalSettings) -> Strategy:
+    """The run's method as a value, with the map options of the command line where it takes them."""
+    map_options = {"layer": settings.layer, "qformer_layer": settings.qformer_layer}
+    names = option_names(strategy_class(settings.method))
+    return method_from_name(settings.method, **{k: v for k, v in map_options.items() if k in names})
+
+
+def batch_answer_fn(model: Model, strategy: Strategy, settings: EvalSettings, mesh: Mesh | None, batch_size: int):
     """Map methods: `answer_batch`'s vmapped program, sharded over `mesh`, batches padded to `batch_size`
     (one compile per bucket, retries included). Others: `answer` per record, seeded by dataset position."""
-    map_kwargs = {"layer": settings.layer, "qformer_layer": settings.qformer_layer}
-    if settings.method not in _vicrop.MAP_METHODS or settings.high_res:
-        kwargs = map_kwargs if settings.method in _vicrop.MAP_METHODS else {}
+    strategy = resolve_method(model, strategy)
+    if not isinstance(strategy, MapMethod) or settings.high_res:
         return lambda prepared: [
-            vicrop_jax.answer(model, p.image, p.record.question, settings.method,
+            vicrop_jax.answer(model, p.image, p.record.question, strategy,
                               short_question=p.record.short_question, high_res=settings.high_res,
                               bbox=p.record.bbox, seed=settings.seed + p.index,
-                              max_new_tokens=settings.max_new_tokens, **kwargs)
+                              max_new_tokens=settings.max_new_tokens)
             for p in prepared
         ]
-    options = map_options(model, settings.method, **map_kwargs)
-    return lambda prepared: _vicrop.run_padded_batch(
+    return lambda prepared: run_padded_batch(
         model, [p.image for p in prepared], [p.record.question for p in prepared],
-        [p.record.short_question or p.record.question for p in prepared], options, settings.max_new_tokens,
+        [p.record.short_question or p.record.question for p in prepared], strategy, settings.max_new_tokens,
         batch_size, mesh,
     )
 
@@ -238,13 +244,14 @@ def result_line(prepared: Prepared, outcome: Outcome | None, settings: EvalSetti
     }
 
 
-def run_batches(model: Model, settings: EvalSettings, pending, out: Path, batch_size: int, answer_fn,
-                progress: Progress, dataset: str) -> None:
+def run_batches(model: Model, strategy: Strategy, settings: EvalSettings, pending, out: Path, batch_size: int,
+                answer_fn, progress: Progress, dataset: str) -> None:
     """Answer `pending` batch by batch, appending each batch's lines (flushed, fsync'd) to `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as handle:
         for begin in range(0, len(pending), batch_size):
-            prepared = [prepare(model, settings, i, record) for i, record in pending[begin:begin + batch_size]]
+            prepared = [prepare(model, strategy, settings, i, record)
+                        for i, record in pending[begin:begin + batch_size]]
             ready = [p for p in prepared if p.error is None]
             outcomes = dict(zip((p.index for p in ready), answer_or_error(answer_fn, ready) if ready else []))
             lines = [result_line(p, outcomes.get(p.index), settings, dataset) for p in prepared]
@@ -277,6 +284,7 @@ def evaluate(settings: EvalSettings) -> int:
         raise ValueError(f"image folder {settings.images} not found")
     if settings.batch_size < 1 or (settings.limit is not None and settings.limit < 0):
         raise ValueError("--batch-size must be at least 1 and --limit at least 0")
+    strategy = run_strategy(settings)
     index, count = process_slot(settings)
     assigned = assigned_records(records, settings.limit, index, count)
     out = process_path(settings.out, index, count)
@@ -287,9 +295,12 @@ def evaluate(settings: EvalSettings) -> int:
     if batch_size != settings.batch_size:
         print(f"batch size {settings.batch_size} -> {batch_size}: a multiple of the {len(jax.local_devices())} "
               "local devices", file=sys.stderr)
-    answer_fn = batch_answer_fn(model, settings, mesh, batch_size)
+    if mesh is not None:  # the parameters are replicated over the mesh once, for every batch of the run
+        replicated = jax.device_put(model.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        model = dataclasses.replace(model, params=replicated)
+    answer_fn = batch_answer_fn(model, strategy, settings, mesh, batch_size)
     progress = Progress("eval", len(assigned), len(assigned) - len(pending))
-    run_batches(model, settings, pending, out, batch_size, answer_fn, progress, settings.data.stem)
+    run_batches(model, strategy, settings, pending, out, batch_size, answer_fn, progress, settings.data.stem)
     ids = {str(record.id) for _, record in assigned}
     lines = [line for line in read_results(out) if str(line["id"]) in ids]
     print(summary(lines, out, len(pending)))

@@ -20,11 +20,12 @@ from typing import Sequence, TextIO
 
 from vicrop_jax.evaluation.metrics import SIZE_BANDS, TERCILES, size_band, tercile, tercile_edges
 from vicrop_jax.evaluation.results import base_name, process_files, read_results
+from vicrop_jax.vicrop.methods import STRATEGY_NAMES
 
 FORMATS = ("text", "markdown", "csv")
 NO_CROP = "no crop"
 RESULT_FIELDS = ("id", "model", "method", "original_correct", "crop_correct")
-METHOD_ORDER = (NO_CROP, "rel_att", "grad_att", "pure_grad", "none", "gt", "random", "center")
+METHOD_ORDER = (NO_CROP, *STRATEGY_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,16 +2,16 @@
 
 With all heads at once, the float32 scores [B,N,T,S] of a long prompt (LLaVA's 576 image tokens and more)
 run to tens of MB, and each step after the first product (mask, softmax, product with the values) is a
-trip to memory. One head's scores stay in cache from the first product to the last: the medium
-benchmark's crop-prompt attention (12 heads, 607 queries, 1204 keys) took 75 ms per layer with all heads
-and 22 ms head by head on 2 cores; CLIP ViT-L's (16 heads, 577 positions) 42-45 and 18-22 ms. Small passes
-(decoding steps, short prompts) keep all heads at once, where a loop would only add overhead.
-Differentiated (pure-grad's backward pass to the pixels), each head's probabilities are recomputed rather
-than stored (`jax.checkpoint` on the loop body), also inside the recomputed layers of pure-grad's backward
-pass: the medium pure-grad map's XLA temporaries are 98 MiB with it, 143 MiB without (0.4 s faster).
+trip to memory. One head's scores stay in cache from the first product to the last (the README's
+benchmarks give the times). Small passes (decoding steps, short prompts) keep all heads at once, where a loop
+would only add overhead. Differentiated (pure-grad's backward pass to the pixels), each head's probabilities
+are recomputed rather than stored (`jax.checkpoint` on the loop body), also inside the recomputed layers of
+pure-grad's backward pass, which keeps that pass's memory down.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,3 +43,24 @@ def head_by_head(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Non
         return jnp.einsum("bgts,bsh->bgth", masked_softmax(logits, mask).astype(dtype), v)
 
     return jax.lax.map(jax.checkpoint(one_head), (q, k, v))
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype,
+                          probs_hook: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """q [B,T,N,H], k and v [B,S,N,H], mask broadcastable to [B,1,T,S] (True = may attend) or None -> [B,T,N,H].
+
+    The vision towers' and the Q-Former's attention, in transformers' eager order (float32 scores scaled after
+    the product, masked softmax, cast to dtype, product with the values). `probs_hook` sees the probabilities
+    [B,N,T,S] of all heads before the value product (to sow or perturb them); without one, passes whose scores
+    outgrow the caches run head by head.
+    """
+    b, t, n, h = q.shape
+    if probs_hook is None and not fits_all_heads(b, n, t, k.shape[1]):
+        heads_first = lambda y: y.transpose(2, 0, 1, 3)  # noqa: E731  [N,B,T,H]
+        out = head_by_head(heads_first(q)[:, :, None], heads_first(k), heads_first(v), mask, dtype)
+        return out[:, :, 0].transpose(1, 2, 0, 3)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * h**-0.5
+    probs = masked_softmax(logits, mask).astype(dtype)
+    if probs_hook is not None:
+        probs = probs_hook(probs)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)

@@ -15,8 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.nn._attention import fits_all_heads, head_by_head
-from vicrop_jax.nn._config import check_supported
+from vicrop_jax.nn._attention import dot_product_attention
+from vicrop_jax.nn._config import check_supported, refuse_unhandled
+from vicrop_jax.nn._vision import VisionEncoderLayer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,6 +39,12 @@ class ClipVisionConfig:
             "vision_config",
             {"model_type": ("clip_vision_model",), "hidden_act": ("quick_gelu", "gelu")},
         )
+        # projection_dim and vocab_size belong to CLIP's heads, which the vision tower does not have
+        refuse_unhandled(hf, "vision_config", {
+            "model_type", "hidden_act", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "image_size", "patch_size", "num_channels", "layer_norm_eps", "projection_dim",
+            "vocab_size",
+        })
         return cls(
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
@@ -66,12 +73,6 @@ class ClipVisionConfig:
         return layer % count
 
 
-def activation(name: str):
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    return lambda x: jax.nn.gelu(x, approximate=False)
-
-
 class ClipAttention(nn.Module):
     config: ClipVisionConfig
     dtype: Any = jnp.float32
@@ -87,46 +88,8 @@ class ClipAttention(nn.Module):
         head_dim = c.hidden_size // c.num_heads
         split = lambda y: y.reshape(b, p, c.num_heads, head_dim)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        if fits_all_heads(b, c.num_heads, p, p):
-            logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-            out = jnp.einsum("bnqk,bknh->bqnh", jax.nn.softmax(logits, axis=-1).astype(self.dtype), v)
-        else:
-            heads_first = lambda y: y.transpose(2, 0, 1, 3)  # noqa: E731  [N,B,P,H]
-            out = head_by_head(heads_first(q)[:, :, None], heads_first(k), heads_first(v), None, self.dtype)
-            out = out[:, :, 0].transpose(1, 2, 0, 3)
+        out = dot_product_attention(q, k, v, None, self.dtype)
         return self.out_proj(out.reshape(b, p, c.hidden_size))
-
-
-class ClipMLP(nn.Module):
-    config: ClipVisionConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.fc1 = nn.Dense(self.config.intermediate_size, **kw)
-        self.fc2 = nn.Dense(self.config.hidden_size, **kw)
-
-    def __call__(self, x):
-        return self.fc2(activation(self.config.hidden_act)(self.fc1(x)))
-
-
-class ClipEncoderLayer(nn.Module):
-    config: ClipVisionConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        eps = self.config.layer_norm_eps
-        self.layer_norm1 = nn.LayerNorm(eps, **kw)
-        self.self_attn = ClipAttention(self.config, **kw)
-        self.layer_norm2 = nn.LayerNorm(eps, **kw)
-        self.mlp = ClipMLP(self.config, **kw)
-
-    def __call__(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
 
 
 class ClipEmbeddings(nn.Module):
@@ -161,8 +124,8 @@ class ClipVisionTransformer(nn.Module):
         eps = self.config.layer_norm_eps
         self.embeddings = ClipEmbeddings(self.config, **kw)
         self.pre_layrnorm = nn.LayerNorm(eps, **kw)
-        layer = nn.remat(ClipEncoderLayer)  # recomputed in the backward pass: see LlamaForCausalLM.setup
-        self.layers = [layer(self.config, **kw) for _ in range(self.config.num_layers)]
+        layer = nn.remat(VisionEncoderLayer)  # recomputed in the backward pass: see LlamaForCausalLM.setup
+        self.layers = [layer(self.config, ClipAttention, **kw) for _ in range(self.config.num_layers)]
         self.post_layernorm = nn.LayerNorm(eps, **kw)
 
     def __call__(self, pixel_values: jax.Array, hidden_state_indices: Sequence[int]) -> list[jax.Array]:

@@ -10,7 +10,7 @@ loop, each at its own cache offset: the step is vmapped, the loop is not.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -50,6 +50,15 @@ def stack_prompts(*passes):
     return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *passes)
 
 
+class DecodeState(NamedTuple):
+    """The carry of the decoding loop."""
+
+    step: jax.Array  # the next token's index
+    caches: KVCache  # stacked [n]
+    tokens: jax.Array  # [n, max_new_tokens], PAD_TOKEN where not yet (or no longer) generated
+    done: jax.Array  # [n] whether each answer has met an EOS
+
+
 def decode_from(module, params, first_logits, caches: KVCache, lengths, max_new_tokens: int,
                 eos_ids: tuple[int, ...]):
     """Greedy tokens [n, max_new_tokens] of n prefilled prompts: the logits of their last tokens [n, V], their
@@ -67,21 +76,19 @@ def decode_from(module, params, first_logits, caches: KVCache, lengths, max_new_
         logits = module.apply({"params": params}, hidden[0, -1], method="logits")
         return jnp.argmax(logits).astype(jnp.int32), cache
 
-    def cond(state):
-        step, _, _, done = state
-        return (step < max_new_tokens) & ~jnp.all(done)
+    def cond(state: DecodeState):
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
-    def body(state):
-        step, caches, out, done = state
-        previous = jnp.maximum(out[:, step - 1], 0)  # a finished answer's PAD_TOKEN: any valid id will do
-        tokens, caches = jax.vmap(step_one)(previous, caches, lengths + step - 1)
-        tokens = jnp.where(done, PAD_TOKEN, tokens)
-        return step + 1, caches, out.at[:, step].set(tokens), done | jnp.isin(tokens, eos)
+    def body(state: DecodeState):
+        previous = jnp.maximum(state.tokens[:, state.step - 1], 0)  # a finished answer's PAD_TOKEN: any id will do
+        tokens, caches = jax.vmap(step_one)(previous, state.caches, lengths + state.step - 1)
+        tokens = jnp.where(state.done, PAD_TOKEN, tokens)
+        return DecodeState(state.step + 1, caches, state.tokens.at[:, state.step].set(tokens),
+                           state.done | jnp.isin(tokens, eos))
 
     first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)
     out = jnp.full((first.shape[0], max_new_tokens), PAD_TOKEN, jnp.int32).at[:, 0].set(first)
-    state = (jnp.int32(1), caches, out, jnp.isin(first, eos))
-    return jax.lax.while_loop(cond, body, state)[2]
+    return jax.lax.while_loop(cond, body, DecodeState(jnp.int32(1), caches, out, jnp.isin(first, eos))).tokens
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "eos_ids"))

@@ -15,7 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.nn._config import check_supported
+from vicrop_jax.nn._attention import dot_product_attention
+from vicrop_jax.nn._config import check_supported, refuse_unhandled
+from vicrop_jax.nn._vision import VisionEncoderLayer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -28,6 +30,7 @@ class EvaVisionConfig:
     patch_size: int
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
+    hidden_act: str = "gelu"  # exact GELU, the only one transformers' EVA reads
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> "EvaVisionConfig":
@@ -41,6 +44,10 @@ class EvaVisionConfig:
                 "qkv_bias": (True, False, None),
             },
         )
+        refuse_unhandled(hf, "vision_config", {
+            "model_type", "hidden_act", "qkv_bias", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "image_size", "patch_size", "layer_norm_eps",
+        })
         for key in ("image_size", "patch_size"):
             if not isinstance(hf.get(key, 0), int):
                 raise ValueError(f"vision_config.{key} = {hf[key]!r} is not supported by vicrop_jax (square only)")
@@ -80,42 +87,8 @@ class EvaAttention(nn.Module):
         head_dim = c.hidden_size // c.num_heads
         qkv = self.qkv(x).reshape(b, p, 3, c.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bnqk,bknh->bqnh", probs, v)
+        out = dot_product_attention(q, k, v, None, self.dtype)
         return self.projection(out.reshape(b, p, c.hidden_size))
-
-
-class EvaMLP(nn.Module):
-    config: EvaVisionConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.fc1 = nn.Dense(self.config.intermediate_size, **kw)
-        self.fc2 = nn.Dense(self.config.hidden_size, **kw)
-
-    def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
-
-
-class EvaEncoderLayer(nn.Module):
-    config: EvaVisionConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        eps = self.config.layer_norm_eps
-        self.layer_norm1 = nn.LayerNorm(eps, **kw)
-        self.self_attn = EvaAttention(self.config, **kw)
-        self.layer_norm2 = nn.LayerNorm(eps, **kw)
-        self.mlp = EvaMLP(self.config, **kw)
-
-    def __call__(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
 
 
 class EvaEmbeddings(nn.Module):
@@ -149,8 +122,8 @@ class EvaVisionTransformer(nn.Module):
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embeddings = EvaEmbeddings(self.config, **kw)
-        layer = nn.remat(EvaEncoderLayer)  # recomputed in the backward pass: see LlamaForCausalLM.setup
-        self.layers = [layer(self.config, **kw) for _ in range(self.config.num_layers)]
+        layer = nn.remat(VisionEncoderLayer)  # recomputed in the backward pass: see LlamaForCausalLM.setup
+        self.layers = [layer(self.config, EvaAttention, **kw) for _ in range(self.config.num_layers)]
         self.post_layernorm = nn.LayerNorm(self.config.layer_norm_eps, **kw)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.nn._config import MAP_LAYER_KEY, check_supported
+from vicrop_jax.nn._config import MAP_LAYER_KEY, check_supported, refuse_unhandled
 from vicrop_jax.nn._merge import LanguageModelMethods
 from vicrop_jax.nn.eva_vit import EvaVisionConfig, EvaVisionTransformer
 from vicrop_jax.nn.llama import KVCache, LlamaConfig, LlamaForCausalLM
@@ -49,6 +49,10 @@ class InstructBlipConfig:
                 f"InstructBLIP with a {text_type!r} language model is not supported: vicrop_jax implements only "
                 "the Vicuna (LLaMA) variants (e.g. Salesforce/instructblip-vicuna-7b), not FlanT5 or OPT."
             )
+        refuse_unhandled(hf, "config", {
+            "model_type", "text_config", "vision_config", "qformer_config", "num_query_tokens", "image_token_id",
+            "image_token_index", MAP_LAYER_KEY,
+        }, {"use_decoder_only_language_model": (True,), "tie_word_embeddings": (False,)})
         image_token_id = hf.get("image_token_id", hf.get("image_token_index"))
         if image_token_id is None:
             raise ValueError(

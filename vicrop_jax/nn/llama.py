@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from vicrop_jax.nn._attention import fits_all_heads, head_by_head, masked_softmax
-from vicrop_jax.nn._config import check_supported, get_rope_parameters
+from vicrop_jax.nn._config import check_supported, get_rope_parameters, refuse_unhandled
 
 ATTENTION_PROBS = "attention_probs"
 
@@ -57,6 +57,12 @@ class LlamaConfig:
             "text_config",
             {"model_type": ("llama",), "hidden_act": ("silu",), "pretraining_tp": (1, None)},
         )
+        refuse_unhandled(hf, "text_config", {
+            "model_type", "hidden_act", "pretraining_tp", "rope_parameters", "rope_theta", "rope_scaling",
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "rms_norm_eps", "attention_bias", "mlp_bias", "tie_word_embeddings",
+            "bos_token_id", "eos_token_id", "max_position_embeddings",
+        })
         rope = get_rope_parameters(hf)
         num_heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id", 2)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.nn._config import MAP_LAYER_KEY, check_supported
+from vicrop_jax.nn._config import MAP_LAYER_KEY, check_supported, refuse_unhandled
 from vicrop_jax.nn._merge import LanguageModelMethods
 from vicrop_jax.nn.clip_vit import ClipVisionConfig, ClipVisionTransformer
 from vicrop_jax.nn.llama import KVCache, LlamaConfig, LlamaForCausalLM
@@ -41,6 +41,12 @@ class LlavaConfig:
                 "vision_feature_select_strategy": ("default", "full", None),
             },
         )
+        # image_seq_length is what the processor expands <image> to; here it follows from the vision tower
+        refuse_unhandled(hf, "config", {
+            "model_type", "projector_hidden_act", "vision_feature_select_strategy", "vision_feature_layer",
+            "image_token_id", "image_token_index", "text_config", "vision_config", "multimodal_projector_bias",
+            MAP_LAYER_KEY, "image_seq_length", "vocab_size",
+        }, {"tie_word_embeddings": (False,)})
         layers = hf.get("vision_feature_layer", -2)
         image_token_id = hf.get("image_token_id", hf.get("image_token_index"))
         if image_token_id is None:

@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.nn._config import check_supported
+from vicrop_jax.nn._attention import dot_product_attention
+from vicrop_jax.nn._config import check_supported, refuse_unhandled
 
 CROSS_ATTENTION_PROBS = "cross_attention_probs"
 
@@ -49,6 +50,11 @@ class QFormerConfig:
                 "position_embedding_type": ("absolute", None),
             },
         )
+        refuse_unhandled(hf, "qformer_config", {
+            "model_type", "hidden_act", "position_embedding_type", "vocab_size", "hidden_size", "num_hidden_layers",
+            "num_attention_heads", "intermediate_size", "encoder_hidden_size", "max_position_embeddings",
+            "layer_norm_eps", "cross_attention_frequency",
+        })
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -80,20 +86,19 @@ class QFormerMultiHeadAttention(nn.Module):
         dense = lambda: nn.Dense(self.config.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
         self.query, self.key, self.value = dense(), dense(), dense()
 
+    def _capture(self, probs):
+        probs = self.perturb(CROSS_ATTENTION_PROBS, probs)
+        self.sow("intermediates", CROSS_ATTENTION_PROBS, probs)
+        return probs
+
     def __call__(self, x, context, mask, capture: bool):
         """x [B,T,D] attends to context [B,S,D or E]; mask [B,S] (True = may attend) or None."""
         c = self.config
         head_dim = c.hidden_size // c.num_heads
         split = lambda y: y.reshape(*y.shape[:2], c.num_heads, head_dim)
         q, k, v = split(self.query(x)), split(self.key(context)), split(self.value(context))
-        logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-        if mask is not None:
-            logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        if capture:
-            probs = self.perturb(CROSS_ATTENTION_PROBS, probs)
-            self.sow("intermediates", CROSS_ATTENTION_PROBS, probs)
-        out = jnp.einsum("bnts,bsnh->btnh", probs, v)
+        out = dot_product_attention(q, k, v, None if mask is None else mask[:, None, None, :], self.dtype,
+                                    self._capture if capture else None)
         return out.reshape(*x.shape[:2], c.hidden_size)
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     BlipImageProcessor,
@@ -32,6 +34,11 @@ WORDS = (
     "top bottom in on and there how many Question Short"
 ).split()
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")
+
+
+def noise_image(width: int = 150, height: int = 110, seed: int = 0) -> Image.Image:
+    """A random RGB image: maps and answers of random models on it are far from uniform."""
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (height, width, 3), np.uint8))
 
 
 def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:

@@ -1,0 +1,116 @@
+"""What every model family provides, and the device form of a tokenized prompt.
+
+A family is a frozen, hashable value: jitted programs take it as a static argument, and the pipeline asks it
+(never a family name) how to read a config, build prompts, lay a box onto what the processor keeps and read a
+map out of the sown attention. Axis letters: N heads, T query positions, S key positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vicrop_jax.nn.decoding import bucket_length
+
+ReadAttention = Callable[[str], jax.Array]  # sown name -> probabilities [N, T, S] of one prompt
+
+
+class PromptArrays(NamedTuple):
+    """One prompt on the device: ids right-padded to a bucket, true length, and the prompt's extra inputs of
+    `encode_images` (InstructBLIP: the Q-Former's ids and mask; none for LLaVA)."""
+
+    ids: jax.Array
+    length: jax.Array
+    image_text: tuple[jax.Array, ...] = ()
+
+
+def head_mean(probs: jax.Array, heads: tuple[int, ...] | None) -> jax.Array:
+    """probs [N, ...] -> mean over all heads or the listed ones."""
+    return probs.mean(0) if heads is None else probs[jnp.asarray(heads)].mean(0)
+
+
+def image_attention(probs: jax.Array, query_row, prompt: PromptArrays, image_token_id: int, count: int,
+                    skip: int, heads: tuple[int, ...] | None) -> jax.Array:
+    """Head-mean attention [count] of one query row of probs [N, T, S] to the first image's positions (the
+    first `image_token_id` of the prompt, `skip` positions on)."""
+    row = jnp.take(probs, query_row, axis=1)  # [N, S]
+    start = jnp.argmax(prompt.ids == image_token_id) + skip
+    return head_mean(jax.lax.dynamic_slice_in_dim(row, start, count, axis=1), heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Everything that differs between model families. Subclasses override what their family does otherwise."""
+
+    name: str  # for messages and result files, never compared
+    config_class: type  # a frozen config dataclass with `from_hf_config(config.json dict)`
+    module_class: type[nn.Module]  # built as module_class(config, dtype=..., param_dtype=...)
+    conversion_table: Callable[[Any], dict]  # config -> {flax path: (HF key, transform)}
+    default_map_layer: int  # the paper's LM map layer (a shallower model uses its middle layer)
+    key_aliases: tuple[tuple[str, str], ...] = ()  # other checkpoint key layouts, renamed onto the table's
+
+    # Loading
+    def read_config(self, hf_config: dict[str, Any]) -> Any:
+        return self.config_class.from_hf_config(hf_config)
+
+    def init_inputs(self, config: Any) -> tuple[np.ndarray, ...]:
+        """Inputs of `module.init` that build every parameter: one image's placeholders and a blank image."""
+        ids = np.full((1, config.tokens_per_image + 1), config.image_token_id, np.int32)
+        pixels = np.zeros((1, 1, config.image_size, config.image_size, 3), np.float32)
+        return ids, pixels
+
+    def read_extra_tokenizer(self, folder: Path):
+        """A second tokenizer the family's image encoder reads the prompt with, or None."""
+        return None
+
+    # Prompts
+    def prompt(self, question: str, num_images: int = 1) -> str:
+        """The paper-exact prompt of a question over `num_images` images."""
+        raise NotImplementedError
+
+    def prompt_inputs(self, model, prompt: str, num_images: int) -> tuple[list[int], tuple[np.ndarray, ...]]:
+        """LM token ids with image placeholders, and the extra inputs of `encode_images` per image [n, ...]."""
+        raise NotImplementedError
+
+    def prompt_arrays(self, model, prompts: list[str], num_images: int = 1) -> list[PromptArrays]:
+        """Prompts tokenized and right-padded to one common bucket, so they stack into a batch."""
+        encoded = [self.prompt_inputs(model, prompt, num_images) for prompt in prompts]
+        bucket = bucket_length(max(len(ids) for ids, _ in encoded))
+        arrays = []
+        for ids, image_text in encoded:
+            padded = np.zeros(bucket, np.int32)
+            padded[: len(ids)] = ids
+            arrays.append(PromptArrays(padded, np.int32(len(ids)), tuple(text[0] for text in image_text)))
+        return arrays
+
+    def prompt_problem(self, model, prompt: str) -> str | None:
+        """Why a prompt cannot run beyond the LM's length limit (checked by the caller), or None."""
+        return None
+
+    def prefix_length(self, model) -> int | None:
+        """Length of the `[BOS, image]` prefix that every prompt of a question shares (its KV cache is then
+        computed once), or None where the image's features depend on the prompt."""
+        return None
+
+    # Image geometry
+    def processor_box(self, box: jax.Array) -> jax.Array:
+        """The part of a crop box [4] that the image processor keeps (all of it unless it crops)."""
+        return box
+
+    # Maps
+    def check_map_options(self, config: Any, method) -> None:
+        """Family-specific range checks of a map method's options (clear errors before compiling)."""
+
+    def map_features(self, module: nn.Module, pixels: jax.Array, prompt: PromptArrays, method) -> jax.Array:
+        """Inside `module.apply`: one image's LM features [1, M, D] for a map pass, the map's layers captured."""
+        return module.encode_images(pixels[None], *(text[None] for text in prompt.image_text))
+
+    def attention_map(self, config: Any, read: ReadAttention, query_row, prompt: PromptArrays, method) -> jax.Array:
+        """The grid map [gh, gw] (float32) from the sown (or gradient-weighted) attention of one prompt pass."""
+        raise NotImplementedError

@@ -1,0 +1,282 @@
+"""ViCrop's strategies as values: the map methods rel-att, grad-att and pure-grad, and the baselines.
+
+Each is a frozen, hashable dataclass holding its options; jitted programs take it as a static argument, so
+each combination of options compiles once. A map method carries both of its implementations side by side:
+`whole_prompt_map` (any family: full forwards of the question's prompts) and `prefix_map` (families that share
+a `[BOS, image]` prefix between prompts: the prefix encoded and prefilled once, each prompt running only its
+suffix). A new method subclasses `MapMethod` and defines `whole_prompt_map`; the inherited `prefix_map` then
+runs it after the shared prefix. Names are turned into values once, by `method_from_name`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+
+from vicrop_jax.families import PromptArrays
+from vicrop_jax.nn.decoding import stack_prompts
+from vicrop_jax.prompts import GENERAL_QUESTION
+from vicrop_jax.vicrop.boxes import Box, center_box, grow_box, random_box
+from vicrop_jax.vicrop.maps import (
+    PrefixMap, QuestionPass, StaticModel, attention_times_gradient, captured_attention, encode_image,
+    high_pass_mask, pixel_gradient_map, prefill_prefix, prompt_run, run_plain, score, split_prompt, suffix_run,
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Strategy:
+    """How a question is answered: its `name` is what the API, the CLI and result files call it."""
+
+    name: ClassVar[str]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NoCrop(Strategy):
+    """The original image only."""
+
+    name: ClassVar[str] = "none"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FixedCrop(Strategy):
+    """A baseline whose crop box comes without a map."""
+
+    def box(self, image_size: tuple[int, int], base_size: int, bbox, seed: int) -> Box:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GroundTruth(FixedCrop):
+    """The dataset's ground-truth box, grown to at least the model resolution."""
+
+    name: ClassVar[str] = "gt"
+
+    def box(self, image_size, base_size, bbox, seed):
+        if bbox is None:
+            raise ValueError("method 'gt' needs the ground-truth box: pass bbox=(x1, y1, x2, y2)")
+        return grow_box(bbox, image_size, base_size)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RandomCrop(FixedCrop):
+    """A box of the model resolution at a random position (seeded)."""
+
+    name: ClassVar[str] = "random"
+
+    def box(self, image_size, base_size, bbox, seed):
+        return random_box(image_size, base_size, np.random.default_rng(seed))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CenterCrop(FixedCrop):
+    """A box of the model resolution at the image centre."""
+
+    name: ClassVar[str] = "center"
+
+    def box(self, image_size, base_size, bbox, seed):
+        return center_box(image_size, base_size)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MapMethod(Strategy):
+    """A map read out of the model picks the crop. `layer` None means the model's default map layer (filled in
+    by `resolved`); `heads` None means the mean over all heads."""
+
+    layer: int | None = None
+    heads: tuple[int, ...] | None = None
+    qformer_layer: int = 2  # InstructBLIP: the Q-Former cross-attention layer, over cross-attention layers only
+    general_question: str = GENERAL_QUESTION
+    low_memory: ClassVar[bool] = False  # compile with the memory-optimised CPU scheduler (whole-model gradients)
+
+    def resolved(self, model) -> MapMethod:
+        """The method with its default layer filled in and its options checked against the model."""
+        config = model.config
+        layer = default_map_layer(model) if self.layer is None else int(self.layer)
+        heads = None if self.heads is None else tuple(int(h) for h in self.heads)
+        method = dataclasses.replace(self, layer=layer, heads=heads, qformer_layer=int(self.qformer_layer))
+        if not 0 <= layer < config.text.num_layers:
+            raise ValueError(f"layer {layer} is out of range: this model has LM layers 0..{config.text.num_layers - 1}")
+        if heads is not None and (not heads or any(not 0 <= h < config.text.num_heads for h in heads)):
+            raise ValueError(f"heads {list(heads)} invalid: LM heads are 0..{config.text.num_heads - 1}")
+        model.family.check_map_options(config, method)
+        return method
+
+    def high_pass(self, image: PIL.Image.Image, resolution: int) -> np.ndarray | None:
+        """A host-side input the map needs besides the prompts (pure-grad's mask), or None."""
+        return None
+
+    def whole_prompt_map(self, static: StaticModel, params: Any, pixels: jax.Array, question: PromptArrays,
+                         general: PromptArrays, high_pass) -> jax.Array:
+        """The map [gh, gw] of one image (pixels [H,W,3]) from full forwards of the prompts."""
+        raise NotImplementedError
+
+    def prefix_map(self, static: StaticModel, params: Any, pixels: jax.Array, question: PromptArrays,
+                   general: PromptArrays, high_pass, cache_length: int) -> PrefixMap:
+        """The map after the shared prefix, encoded and prefilled once into a cache of `cache_length` slots."""
+        features, cache = _prefix(static, params, pixels, question, cache_length)
+        importance = self.whole_prompt_map(static, params, pixels, question, general, high_pass)
+        return PrefixMap(importance, features, cache, None)
+
+    def attention(self, static: StaticModel, params: Any, pixels: jax.Array, prompt: PromptArrays) -> jax.Array:
+        """The plain attention map [gh, gw] of one prompt (rel-att's numerator or denominator)."""
+        read, _ = captured_attention(static.module, params, prompt_run(static.family, pixels, prompt, self))
+        return static.family.attention_map(static.config, read, prompt.length - 1, prompt, self)
+
+
+def _prefix(static: StaticModel, params, pixels, question: PromptArrays, cache_length: int):
+    features = encode_image(static.module, params, pixels)
+    return features, prefill_prefix(static.module, params, features, question.ids[: static.prefix_length],
+                                    cache_length)
+
+
+def _both(question: PromptArrays, general: PromptArrays) -> PromptArrays:
+    return jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), question, general)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RelAtt(MapMethod):
+    """rel-att: the question's attention map over the general prompt's."""
+
+    name: ClassVar[str] = "rel_att"
+
+    def whole_prompt_map(self, static, params, pixels, question, general, high_pass):
+        maps = jax.vmap(lambda prompt: self.attention(static, params, pixels, prompt))(_both(question, general))
+        return maps[0] / maps[1]
+
+    def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length):
+        features, cache = _prefix(static, params, pixels, question, cache_length)
+
+        def one(prompt):
+            ids, length = split_prompt(prompt, static.prefix_length)
+            run = suffix_run(cache, static.prefix_length, ids, length, features, (self.layer,))
+            read, (logits, new_cache) = captured_attention(static.module, params, run)
+            return static.family.attention_map(static.config, read, length - 1, prompt, self), logits, new_cache
+
+        maps, logits, caches = jax.vmap(one)(_both(question, general))
+        question_pass = QuestionPass(logits[0], jax.tree_util.tree_map(lambda c: c[0], caches))
+        return PrefixMap(maps[0] / maps[1], features, cache, question_pass)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GradAtt(MapMethod):
+    """grad-att: head means of A * relu(dS/dA) of the question alone (no ratio)."""
+
+    name: ClassVar[str] = "grad_att"
+    clip_negative: bool = True  # the relu on the gradients
+
+    def whole_prompt_map(self, static, params, pixels, question, general, high_pass):
+        run = prompt_run(static.family, pixels, question, self)
+        read, _ = attention_times_gradient(static.module, params, run, self.clip_negative)
+        return static.family.attention_map(static.config, read, question.length - 1, question, self)
+
+    def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length):
+        """dS/dA of the last row depends on the suffix computation only: no backward pass through the prefix."""
+        features, cache = _prefix(static, params, pixels, question, cache_length)
+        ids, length = split_prompt(question, static.prefix_length)
+        run = suffix_run(cache, static.prefix_length, ids, length, features, (self.layer,))
+        read, (logits, new_cache) = attention_times_gradient(static.module, params, run, self.clip_negative)
+        importance = static.family.attention_map(static.config, read, length - 1, question, self)
+        return PrefixMap(importance, features, cache, QuestionPass(logits, new_cache))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PureGrad(MapMethod):
+    """pure-grad: the ratio of the pixel-gradient norms of the question and the general prompt, high-passed."""
+
+    name: ClassVar[str] = "pure_grad"
+    low_memory: ClassVar[bool] = True
+
+    def high_pass(self, image, resolution):
+        return high_pass_mask(image, resolution).astype(np.float32)
+
+    def whole_prompt_map(self, static, params, pixels, question, general, high_pass):
+        def gradient(prompt):
+            def scored(x):
+                logits, _ = run_plain(static.module, params, prompt_run(static.family, x, prompt, self))
+                return score(logits)
+
+            return jax.grad(scored)(pixels)
+
+        # one prompt at a time: a backward pass keeps every layer's activations, two at once would double the peak
+        gradients = jax.lax.map(gradient, _both(question, general))
+        return pixel_gradient_map(static.config, gradients, high_pass)
+
+    def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length):
+        """The prefix forward runs once (`jax.vjp`); for one prompt after the other, the suffix gives a cotangent
+        on the prefix's features and cache, pulled back to the pixels through that forward."""
+        module, prefix_length = static.module, static.prefix_length
+        prefix_ids = question.ids[:prefix_length]
+
+        def prefix(x):
+            features = encode_image(module, params, x)
+            return features, prefill_prefix(module, params, features, prefix_ids, prefix_length)
+
+        (features, cache), pullback = jax.vjp(prefix, pixels)
+
+        def prompt_gradients(suffix):
+            def scored(features, cache):
+                run = suffix_run(cache.padded(cache_length), prefix_length, *suffix, features)
+                logits, new_cache = run_plain(module, params, run)
+                return score(logits), (logits, new_cache)
+
+            cotangents, outputs = jax.grad(scored, argnums=(0, 1), has_aux=True)(features, cache)
+            return pullback(cotangents)[0], outputs
+
+        # One prompt at a time: a single cotangent of the prefix cache and one backward pass live at once.
+        suffixes = stack_prompts(split_prompt(question, prefix_length), split_prompt(general, prefix_length))
+        gradients, (logits, caches) = jax.lax.map(prompt_gradients, suffixes)
+        question_pass = QuestionPass(logits[0], jax.tree_util.tree_map(lambda c: c[0], caches))
+        importance = pixel_gradient_map(static.config, gradients, high_pass)
+        return PrefixMap(importance, features, cache.padded(cache_length), question_pass)
+
+
+STRATEGIES: tuple[type[Strategy], ...] = (RelAtt, GradAtt, PureGrad, NoCrop, GroundTruth, RandomCrop, CenterCrop)
+STRATEGY_NAMES = tuple(strategy.name for strategy in STRATEGIES)
+MAP_METHOD_NAMES = tuple(s.name for s in STRATEGIES if issubclass(s, MapMethod))
+
+
+def option_names(strategy: type[Strategy]) -> tuple[str, ...]:
+    return tuple(field.name for field in dataclasses.fields(strategy))
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The strategy a name stands for; an unknown name is refused with the valid ones."""
+    for strategy in STRATEGIES:
+        if strategy.name == name:
+            return strategy
+    raise ValueError(f"unknown method {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+
+
+def method_from_name(name: str, **options) -> Strategy:
+    """The one place where a method's name becomes a value (the API's `method=`, the CLI, result files)."""
+    strategy = strategy_class(name)
+    unknown = sorted(set(options) - set(option_names(strategy)))
+    if unknown:
+        valid = ", ".join(option_names(strategy)) or "none"
+        raise ValueError(f"method {name!r} takes no option {', '.join(unknown)} (its options: {valid})")
+    return strategy(**options)
+
+
+def resolve_method(model, method: str | Strategy, **options) -> Strategy:
+    """A method given by name (with its options) or as a value (options replace its fields), ready to run."""
+    if isinstance(method, str):
+        strategy = method_from_name(method, **options)
+    elif isinstance(method, Strategy):
+        strategy = dataclasses.replace(method, **options) if options else method
+    else:
+        raise ValueError(f"method must be a name ({', '.join(STRATEGY_NAMES)}) or a Strategy value, got {method!r}")
+    return strategy.resolved(model) if isinstance(strategy, MapMethod) else strategy
+
+
+def default_map_layer(model) -> int:
+    """The checkpoint's own map layer where its config names one (`vicrop_attention_layer`, chosen by where its
+    attention falls, as the paper chose its layers), else the family's (14 LLaVA, 15 InstructBLIP), or the
+    middle layer of a model too shallow to have it."""
+    if model.config.map_layer is not None:
+        return model.config.map_layer
+    return min(model.family.default_map_layer, model.config.text.num_layers // 2)
