@@ -30,8 +30,9 @@ def probe(folder: str, data: str) -> None:
     import vicrop_jax
 
     compiles = []
+    compile_event = "/jax/core/compile/backend_compile_duration"
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, _, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+        lambda event, _, **kw: compiles.append(event) if event == compile_event else None)
     records = json.loads(Path(data).read_text())
     images = [Image.open(r["image"]).convert("RGB") for r in records]
     model = vicrop_jax.load(folder)

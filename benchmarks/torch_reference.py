@@ -3,7 +3,7 @@
 This is the baseline a user would otherwise run: the published procedure of "MLLMs Know Where to
 Look" (ICLR 2025; code: github.com/saccharomycetes/mllms_know, files `llava_methods.py`,
 `blip_methods.py`, `utils.py`), rewritten against transformers 5.x, in float32, with the
-corrections of SPEC.md where the SPEC and the published code disagree. Our JAX maps are compared
+corrections of docs/method.md where it and the published code disagree. Our JAX maps are compared
 with it, and it is timed against our pipeline.
 
 Inputs are already tokenized / preprocessed tensors, so a test can feed exactly the same numbers
@@ -26,7 +26,7 @@ Where this differs from the published code, and why:
 - float32 throughout (published: bfloat16), so that parity tests can be tight.
 - InstructBLIP, LM factor: the published slice `attentions[15][0, :, -1, :256]` (256 = patch
   count) cannot multiply the 32 x 256 Q-Former factor unless the sequence has exactly 32
-  positions; the intent (queries first, in the transformers of the time) and SPEC section 2 both
+  positions; the intent (queries first, in the transformers of the time) and docs/method.md (Importance maps) both
   say: the Q query-token positions. Here they are found as the first Q `image_token_id`
   placeholders of input_ids, wherever the processor put them.
 - InstructBLIP, Q-Former factor: published reads `outputs.qformer_outputs.cross_attentions`,
@@ -231,7 +231,7 @@ def _instructblip_forward(model, input_ids, qformer_input_ids, qformer_attention
     back into the cross-attention probabilities.
 
     Returns (logits of the last position, LM attentions per layer, Q-Former cross-attentions per
-    cross-attention layer: index K counts cross-attention layers only, as SPEC section 2 wants).
+    cross-attention layer: index K counts cross-attention layers only, as docs/method.md (Importance maps) wants).
     """
     features = model.get_image_features(
         pixel_values,
@@ -298,7 +298,7 @@ def instructblip_maps(
 ) -> np.ndarray:
     """ViCrop importance map of an `InstructBlipForConditionalGeneration`, float32 [gh, gw].
 
-    A = a_lm @ a_qf (SPEC section 2): a_lm = LM layer `layer` attention from the last position
+    A = a_lm @ a_qf (docs/method.md (Importance maps)): a_lm = LM layer `layer` attention from the last position
     to the Q query-token placeholders (head mean over `heads`, all if None); a_qf = Q-Former
     cross-attention layer `qformer_layer` (0-based among cross-attention layers) from the queries
     to the patches, CLS dropped (head mean over `qformer_heads`, all if None).

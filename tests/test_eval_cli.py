@@ -84,6 +84,9 @@ def test_result_lines_hold_the_spec_fields(reference):
     assert line["dataset"] == "bench" and line["method"] == "rel_att" and line["metric"] == "vqa"
     assert line["error"] is None and isinstance(line["crop_answer"], str) and len(line["bbox"]) == 4
     assert line["original_correct"] in (0.0, 0.3, 0.6, 0.9, 1.0) and line["timing"]["total"] > 0
+    timing = line["timing"]
+    assert timing["batch_records"] == 2 and timing["batch"] == pytest.approx(2 * timing["total"])
+    assert line["run"]["metric"] == "vqa" and line["run"]["layer"] is None and len(line["run"]["model_id"]) == 16
     assert line["area_fraction"] == pytest.approx(160 * 200 / (2000 * 1500))
 
 
@@ -200,7 +203,74 @@ def test_usage_and_input_errors_exit_with_2(checkpoint, benchmark, tmp_path, cap
     errors = capsys.readouterr().err
     assert "none.json not found" in errors and "no_images not found" in errors
     assert "pass both --process-index and --process-count" in errors
-    assert "resuming needs the same --method, --model and --metric" in errors
+    assert "is not a result line that records its run's settings" in errors
+
+
+def test_a_resume_with_other_settings_is_refused(checkpoint, benchmark, reference, tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    out.write_text(json.dumps(reference[0]) + "\n")
+    for extra, differing in ((["--layer", "0"], "layer None there, 0 now"),
+                             (["--max-new-tokens", "5"], "max_new_tokens 20 there, 5 now"),
+                             (["--dtype", "bfloat16"], "dtype 'auto' there, 'bfloat16' now"),
+                             (["--metric", "gqa"], "metric 'vqa' there, 'gqa' now")):
+        assert main(eval_args(checkpoint, *benchmark, out, *extra)) == 2
+        assert differing in capsys.readouterr().err
+    assert len(read_lines(out)) == 1  # nothing appended
+    assert main(eval_args(checkpoint, *benchmark, out, "--limit", "2")) == 0  # the same settings resume
+    assert [line["id"] for line in read_lines(out)] == ["q0", "q1"]
+
+
+def test_a_second_writer_is_refused(checkpoint, benchmark, tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from vicrop_jax.evaluation.results import exclusive_writer\n"
+         "with exclusive_writer(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(eval_args(checkpoint, *benchmark, out, "--limit", "2")) == 2
+        assert f"another process is writing {out}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert out.read_text() == ""
+
+
+def test_boxes_paths_and_outputs_that_cannot_be_used(checkpoint, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(images / "a.png")
+    Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(tmp_path / "outside.png")
+    (images / "link.png").symlink_to(tmp_path / "outside.png")
+    base = {"question": QUESTION, "labels": "red"}
+    records = [{**base, "id": "inside", "image_path": "a.png", "bbox": [70, 50, 500, 500]},
+               {**base, "id": "beyond", "image_path": "a.png", "bbox": [100, 100, 200, 200]},
+               {**base, "id": "parent", "image_path": "../outside.png"},
+               {**base, "id": "absolute", "image_path": str(tmp_path / "outside.png")},
+               {**base, "id": "link", "image_path": "link.png"}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "r.jsonl"
+    assert main(eval_args(checkpoint, data, images, out)) == 1
+    lines = {line["id"]: line for line in read_lines(out)}
+    assert lines["inside"]["error"] is None and lines["inside"]["gt_bbox"] == [70, 50, 80, 60]  # clipped
+    assert lines["inside"]["metric"] == "gqa"  # single labels: containment
+    assert lines["beyond"]["error"] == "bbox [100.0, 100.0, 200.0, 200.0] lies outside the 80x60 image"
+    for name in ("parent", "absolute", "link"):
+        assert "leaves the image folder" in lines[name]["error"] and "--allow-outside-images" in lines[name]["error"]
+    assert "accuracy (label contained, once per record)" in capsys.readouterr().out
+    allowed = tmp_path / "allowed.jsonl"
+    assert main(eval_args(checkpoint, data, images, allowed, "--allow-outside-images")) == 1
+    assert all(line["error"] is None for line in read_lines(allowed) if line["id"] != "beyond")
+    (tmp_path / "infinite.json").write_text(json.dumps([{**records[0], "bbox": [0, 0, float("inf"), 10]}]))
+    assert main(eval_args(checkpoint, tmp_path / "infinite.json", images, tmp_path / "i.jsonl")) == 2
+    assert "record [0] (id 'inside'): field 'bbox': expected [x1, y1, x2, y2] finite numbers" in capsys.readouterr().err
+    (tmp_path / "utf16.json").write_bytes(json.dumps(records).encode("utf-16"))
+    assert main(eval_args(checkpoint, tmp_path / "utf16.json", images, tmp_path / "u.jsonl")) == 2
+    assert "is UTF-16 or UTF-32 text; expected UTF-8" in capsys.readouterr().err
+    assert main(eval_args(checkpoint, data, images, tmp_path)) == 2
+    assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
 
 
 def test_processes_split_the_records_and_score_merges_their_files(checkpoint, benchmark, reference, tmp_path,
@@ -216,7 +286,7 @@ def test_processes_split_the_records_and_score_merges_their_files(checkpoint, be
     capsys.readouterr()
     assert main(["score", str(out), "--format", "csv"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0] == "model,method,bench"
+    assert table[0] == "model,method,bench (vqa)"
     crop = 100 * np.mean([line["crop_correct"] for line in reference[:6]])
     assert table[1].startswith(f"{checkpoint.name},no crop,") and table[2] == f"{checkpoint.name},rel_att,{crop:.2f}"
 
@@ -254,6 +324,23 @@ def test_score_tables_merge_files_and_split_by_size(tmp_path):
     foreign.write_text(json.dumps({"id": 1, "answer": "x"}) + "\n")
     with pytest.raises(ValueError, match="line 1 is not an eval result: it has no model, method, original_correct"):
         score([foreign])
+    foreign.write_text(json.dumps(result("org/llava", "rel_att", "vstar", "v0", "yes", 1)) + "\n")
+    with pytest.raises(ValueError, match="line 1 is not an eval result: wrongly typed original_correct 'yes'"):
+        score([foreign])
+
+
+def test_score_keeps_two_checkpoints_of_one_name_apart(tmp_path):
+    lines = [result("runs/a/llava", "rel_att", "vstar", "v0", 0, 1),
+             result("runs/b/llava", "rel_att", "vstar", "v0", 1, 0),
+             {**result("llava", "rel_att", "vstar", "v0", 1, 1), "run": {"model_id": "0123456789abcdef"}},
+             {**result("llava", "rel_att", "vstar", "v0", 0, 0), "run": {"model_id": "fedcba9876543210"}}]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    stdout = io.StringIO()
+    assert score([path], "markdown", stdout, io.StringIO()) == 0
+    text = stdout.getvalue()
+    assert "| a/llava | rel_att | 100.00 |" in text and "| b/llava | rel_att | 0.00 |" in text
+    assert "| llava (01234567) | rel_att | 100.00 |" in text and "| llava (fedcba98) | rel_att | 0.00 |" in text
 
 
 def test_progress_line():

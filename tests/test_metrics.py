@@ -1,4 +1,4 @@
-"""Scores of SPEC section 6 on known cases: the official VQA normalisation, VQA accuracy, GQA, multiple
+"""Scores of docs/method.md (Scoring) on known cases: the official VQA normalisation, VQA accuracy, GQA, multiple
 choice, POPE, and the size bands."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 from vicrop_jax.evaluation.metrics import (
     area_fraction, choose_option, gqa_accuracy, multiple_choice_accuracy, normalize_answer, pope_accuracy,
-    question_options, score_answer, size_band, tercile, tercile_edges, vqa_accuracy,
+    question_options, score_answer, size_band, tercile, tercile_edges, vqa_accuracy, vqa_paper_accuracy,
 )
 
 
@@ -34,19 +34,53 @@ def test_vqa_normalisation_corner_cases(raw, normalized):
     assert normalize_answer(raw) == normalized
 
 
-@pytest.mark.parametrize("matches, accuracy", list(zip(range(11), [0, 0.3, 0.6, 0.9, 1, 1, 1, 1, 1, 1, 1])))
+@pytest.mark.parametrize("matches, accuracy", list(zip(range(10), [0, 0.3, 0.6, 0.9, 1, 1, 1, 1, 1, 1])))
 def test_vqa_accuracy_of_ten_answers(matches, accuracy):
     answers = ["two"] * matches + ["three"] * (10 - matches)
-    assert vqa_accuracy("2", answers) == accuracy
-    # The official leave-one-out average equals min(1, 0.3 * matches) for 10 answers.
-    assert vqa_accuracy("2", answers, leave_one_out=True) == pytest.approx(accuracy)
+    assert vqa_accuracy("2", answers) == pytest.approx(accuracy)  # the leave-one-out mean
+    assert vqa_paper_accuracy("2", answers) == pytest.approx(accuracy)  # min(1, 0.3 * matches)
 
 
-def test_vqa_accuracy_normalises_both_sides_and_differs_from_official_on_short_lists():
-    assert vqa_accuracy("The Two.", ["2", "2", "2", "two"]) == 1.0
-    assert vqa_accuracy("dog", ["dog", "cat", "cat"]) == 0.3
-    assert vqa_accuracy("dog", ["dog", "cat", "cat"], leave_one_out=True) == pytest.approx((0 + 1 / 3 + 1 / 3) / 3)
-    assert vqa_accuracy("dog", []) == 0.0
+# The official evaluation's corner cases (vqaEval.py at a013f00), worked from its rules.
+@pytest.mark.parametrize("prediction, answers, accuracy", [
+    ("Two", ["2"] * 10, 0.0),  # all answers identical: nothing is normalised, the prediction included
+    ("Two", ["2"] * 9 + ["two"], 1.0),  # answers differ: both sides normalised
+    ("yes", ["Yes"] * 10, 0.0),  # identical answers are compared as written, case included
+    (" yes\n", ["yes"] * 10, 1.0),  # newlines, tabs and the ends are stripped first
+    ("ok" + "." * 33, ["ok"] * 5 + ["no"] * 5, 0.0),  # at most 32 periods are removed: one stays
+    ("ok" + "." * 32, ["ok"] * 5 + ["no"] * 5, 1.0),
+    ("1,000", ["1000"] * 5 + ["no"] * 5, 1.0),
+    ("u.s.a.", ["usa"] * 5 + ["no"] * 5, 1.0),
+    ("The Dog.", ["a dog"] * 5 + ["no"] * 5, 1.0),
+    (" -x-ray", ["x ray"] * 5 + ["no"] * 5, 1.0),  # stripped first, so "-" touches no space and becomes one
+    ("I'm", ["im"] * 5 + ["Im"] * 5, 0.0),  # the capitalised contraction keys never match
+    ("dog", ["dog", "cat", "cat"], (0 + 1 / 3 + 1 / 3) / 3),  # short lists: the leave-one-out mean
+    ("dog", [], 0.0),
+])
+def test_vqa_accuracy_equals_the_official_evaluation(prediction, answers, accuracy):
+    assert vqa_accuracy(prediction, answers) == pytest.approx(accuracy)
+
+
+# The paper's scorer (get_score.py at a64c5d5), worked from its rules.
+@pytest.mark.parametrize("metric, prediction, labels, score", [
+    ("vqa_paper", "yes", ["yes"] * 3 + ["no"] * 7, 0.3 * 3),
+    ("vqa_paper", "Two", ["2"] * 10, 1.0),  # always normalised
+    ("vqa_paper", " -x-ray", ["x ray"] * 5 + ["no"] * 5, 0.0),  # no pre-strip: "-" touches a space, is deleted
+    ("vqa_paper", "dog", ["dog", "cat", "cat"], 0.3),
+    ("gqa_paper", "the red car", ["red", "car", "the"], 3.0),  # every contained label counts; "" is contained
+    ("gqa_paper", "not sure", ["no"], 1.0),
+    ("gqa", "the red car", ["red", "car", "the"], 1.0),  # ours: once per record
+    ("pope", "NO", ["no"], 0.0),  # the raw prediction ties between yes and no: yes
+    ("pope", "No, there is not.", ["no"], 1.0),
+    ("pope", "maybe", ["yes"], 1.0),
+])
+def test_paper_scorer_cases(metric, prediction, labels, score):
+    assert score_answer(metric, prediction, labels) == pytest.approx(score)
+
+
+def test_normalisation_without_the_official_pre_strip():
+    assert normalize_answer(" -x-ray") == "x ray"
+    assert normalize_answer(" -x-ray", clean=False) == "xray"
 
 
 def test_gqa_containment():
@@ -74,7 +108,7 @@ def test_pope_yes_no():
 
 
 def test_score_answer_dispatches_and_refuses_unknown_metrics():
-    assert score_answer("vqa", "two", ["2"] * 10) == 1.0
+    assert score_answer("vqa", "two", ["2"] * 9 + ["3"]) == 1.0
     assert score_answer("gqa", "a red car", ["red"]) == 1.0
     assert score_answer("mc", "blue", ["B"], ["red", "blue"]) == 1.0
     assert score_answer("pope", "yes", ["no"]) == 0.0

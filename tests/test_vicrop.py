@@ -182,3 +182,35 @@ def test_pure_grad_backward_keeps_each_layers_input_only(tmp_path):
     tokens_by_width = (1 + (112 // 14) ** 2) * 64 * 4  # bytes of one [tokens, width] float32 array
     per_layer = (temporaries(5) - temporaries(2)) / 3  # one vision and one text layer each
     assert per_layer < 8 * tokens_by_width  # keeping every activation takes about 50
+
+
+def test_bad_questions_are_refused_by_the_api_with_the_cli_messages(model):
+    image, long = scene(), "red " * 5000
+    with pytest.raises(ValueError, match="^empty question$"):
+        vicrop_jax.answer(model, image, "  ")
+    with pytest.raises(ValueError, match="^empty question$"):
+        vicrop_jax.importance_map(model, image, "")
+    calls = [lambda: vicrop_jax.answer(model, image, long), lambda: vicrop_jax.importance_map(model, image, long),
+             lambda: vicrop_jax.generate(model, image, model.family.prompt(long)),
+             lambda: vicrop_jax.answer_batch(model, [image], [long])]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"question too long: \d+ tokens, model allows \d+ \(the prompt with"):
+            call()
+
+
+def test_answer_batch_answers_the_others_when_a_record_fails(model, tmp_path):
+    images = [scene(), tmp_path / "missing.png", scene(seed=2)]
+    with pytest.raises(_vicrop.BatchError, match=r"1 of 3 record\(s\) failed \(record 1: unreadable image") as caught:
+        vicrop_jax.answer_batch(model, images, [QUESTION] * 3, "rel_att", layer=1, batch_size=1000)
+    answers = caught.value.answers
+    assert answers[1] is None and caught.value.failures[0][0] == 1
+    for i in (0, 2):
+        single = vicrop_jax.answer(model, images[i], QUESTION, "rel_att", layer=1)
+        assert (answers[i].bbox, answers[i].answer, answers[i].original_answer) == (
+            single.bbox, single.answer, single.original_answer)
+
+
+def test_batches_are_padded_to_a_power_of_two_not_to_the_batch_size():
+    assert [_vicrop.padded_batch_size(count, 8) for count in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert _vicrop.padded_batch_size(3, 1000) == 4
+    assert _vicrop.padded_batch_size(3, 8, devices=8) == 8 and _vicrop.padded_batch_size(9, 16, devices=8) == 16

@@ -1,7 +1,7 @@
 """vicrop_jax: LLaVA-1.5 and InstructBLIP in JAX/Flax, for ViCrop (training-free visual cropping).
 
 Public API:
-- `load(path_or_repo_id, dtype="float32") -> Model`: a Hugging Face LLaVA-1.5 or InstructBLIP-Vicuna
+- `load(path_or_repo_id, dtype="auto") -> Model`: a Hugging Face LLaVA-1.5 or InstructBLIP-Vicuna
   checkpoint folder (or a repo id in the local HF cache), converted through explicit key tables.
 - `generate(model, images, prompt, max_new_tokens=20) -> str`: the greedy answer, prompt excluded.
 - `importance_map(model, image, question, method, **options) -> np.ndarray`: rel_att, grad_att, pure_grad.
@@ -9,7 +9,8 @@ Public API:
   baselines `NoCrop()`, `GroundTruth()`, `RandomCrop()`, `CenterCrop()`; `method=` takes a value or its name.
 - `select_bbox(importance, image_size, base_size) -> (x1, y1, x2, y2)`: the paper's box selection.
 - `answer(model, image, question, method="rel_att", ...) -> Answer`: ViCrop end to end, one jitted program.
-- `answer_batch(model, images, questions, method="rel_att", ...) -> list[Answer]`: the same, vmapped.
+- `answer_batch(model, images, questions, method="rel_att", ...) -> list[Answer]`: the same, vmapped; records
+  that cannot run raise `BatchError` after the others are answered.
 - `viz.overlay(image, importance, bbox, path)`: the map over the image, the box drawn.
 - `sharding.load_sharded` / `sharding.shard_model`: tensor-parallel placement over a device mesh.
 - `evaluation`: dataset readers, metrics and the resumable runner behind `vicrop-jax eval` / `score`.
@@ -20,14 +21,15 @@ Everything else is importable for research use but private by convention.
 from vicrop_jax import viz
 from vicrop_jax._generation import generate
 from vicrop_jax._loading import Model, load
-from vicrop_jax.vicrop._api import Answer, answer, answer_batch, importance_map
+from vicrop_jax.vicrop._api import Answer, BatchError, answer, answer_batch, importance_map
 from vicrop_jax.vicrop.boxes import select_bbox
 from vicrop_jax.vicrop.methods import (
     CenterCrop, GradAtt, GroundTruth, MapMethod, NoCrop, PureGrad, RandomCrop, RelAtt, Strategy,
 )
 
 __all__ = [
-    "Answer", "CenterCrop", "GradAtt", "GroundTruth", "MapMethod", "Model", "NoCrop", "PureGrad", "RandomCrop",
-    "RelAtt", "Strategy", "answer", "answer_batch", "generate", "importance_map", "load", "select_bbox", "viz",
+    "Answer", "BatchError", "CenterCrop", "GradAtt", "GroundTruth", "MapMethod", "Model", "NoCrop", "PureGrad",
+    "RandomCrop", "RelAtt", "Strategy", "answer", "answer_batch", "generate", "importance_map", "load",
+    "select_bbox", "viz",
 ]
 __version__ = "0.1.0"

@@ -46,6 +46,26 @@ def prompt_ids(model: Model, prompt: str, num_images: int) -> list[int]:
     return prompt_inputs(model, prompt, num_images)[0]
 
 
+def prompt_problem(model: Model, prompt: str, num_images: int, max_new_tokens: int) -> str | None:
+    """Why a prompt cannot run (its tokens and the answer's outgrow the model's positions, or the family's own
+    limits), or None."""
+    try:
+        tokens = len(prompt_inputs(model, prompt, num_images)[0]) + max_new_tokens
+    except ValueError as error:  # e.g. a literal "<image>" in a LLaVA question
+        return f"bad question: {error}"
+    limit = model.config.text.max_position_embeddings
+    if tokens > limit:
+        return (f"question too long: {tokens} tokens, model allows {limit} (the prompt with {num_images} image(s) "
+                f"and {max_new_tokens} new tokens)")
+    return model.family.prompt_problem(model, prompt)
+
+
+def check_prompt(model: Model, prompt: str, num_images: int, max_new_tokens: int) -> None:
+    problem = prompt_problem(model, prompt, num_images, max_new_tokens)
+    if problem is not None:
+        raise ValueError(problem)
+
+
 def generate_ids(
     model: Model, pixels: np.ndarray, ids: list[int], max_new_tokens: int = 20, image_text: tuple = ()
 ) -> list[int]:
@@ -67,6 +87,7 @@ def generate(model: Model, images: ImageLike | Sequence[ImageLike], prompt: str,
     none (`prompts.instructblip_prompt`): the images' query embeddings go in front, in order.
     """
     images = as_image_list(images)
+    check_prompt(model, prompt, len(images), max_new_tokens)
     ids, image_text = prompt_inputs(model, prompt, len(images))
     tokens = generate_ids(model, pixel_values(model, images), ids, max_new_tokens, image_text)
     return model.tokenizer.decode(tokens)

@@ -7,6 +7,7 @@ Conversion runs through the explicit tables of `weights_conversion`. A folder co
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -23,11 +24,13 @@ from vicrop_jax._tokenizer import Tokenizer
 from vicrop_jax.families import Family, family_for
 from vicrop_jax.preprocessing import ImageProcessorConfig
 from weights_conversion.core import IDENTITY, flax_to_hf, hf_to_flax, rename_keys, resolve_checkpoint_folder
+from weights_conversion.hf_folder import read_config, read_image_processor_config
 from weights_conversion.safetensors_io import open_checkpoint, write_checkpoint
 
 FLAX_PARAMS_FILE = "flax_params.safetensors"
 EMBEDDED_MODELS = ("vicrop-tiny",)  # shipped in vicrop_jax/models/ (benchmarks/synthetic/train.py made them)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+AUTO = "auto"  # the checkpoint's own dtype (config.json's "dtype", or "torch_dtype" before transformers 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +47,27 @@ class Model:
     extra_tokenizer: Tokenizer | None = None  # the family's second reader of the prompt (InstructBLIP's Q-Former)
 
 
-def resolve_dtype(dtype: Any) -> Any:
+def resolve_dtype(dtype: Any, hf_config: dict[str, Any] | None = None) -> Any:
+    """A dtype name, "auto" (the checkpoint's, float32 where it names none we run), or a dtype."""
     if isinstance(dtype, str):
+        if dtype == AUTO and hf_config is not None:
+            stored = hf_config.get("dtype") or hf_config.get("torch_dtype")
+            return DTYPES.get(stored, jnp.float32)
         if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join((AUTO, *DTYPES))}")
         return DTYPES[dtype]
     return jnp.dtype(dtype).type
+
+
+def dtype_name(dtype: Any) -> str:
+    return jnp.dtype(dtype).name
+
+
+def nonfinite_parameters(params: Any) -> list[str]:
+    """The "/"-joined paths of the parameters holding a NaN or an infinity."""
+    flat = traverse_util.flatten_dict(jax.device_get(params))
+    return ["/".join(path) for path, value in flat.items()
+            if not np.isfinite(np.asarray(value, np.float32)).all()]
 
 
 def abstract_params(family: Family, config: Any, module: nn.Module) -> Any:
@@ -76,26 +94,48 @@ def checkpoint_folder(path_or_repo_id: str | os.PathLike) -> Path:
     return resolve_checkpoint_folder(path_or_repo_id)
 
 
-def load(path_or_repo_id: str | os.PathLike, dtype: Any = "float32", *, allow_pickle: bool = False,
-         place: Callable[[Any], Any] = jax.device_put, family: Family | None = None) -> Model:
+def checkpoint_identity(path_or_repo_id: str | os.PathLike) -> str:
+    """A short hash of a checkpoint: its config.json and, per weights file, its name, size and first and last
+    64 KiB, so that another or retrained checkpoint of the same name is told apart without reading it whole."""
+    folder = checkpoint_folder(path_or_repo_id)
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(2**16)
+            handle.seek(max(0, size - 2**16))
+            digest.update(f"{path.name}:{size}:".encode() + head + handle.read())
+    return digest.hexdigest()[:16]
+
+
+def load(path_or_repo_id: str | os.PathLike, dtype: Any = AUTO, *, allow_pickle: bool = False,
+         place: Callable[[Any], Any] = jax.device_put, family: Family | None = None,
+         check_finite: bool = False) -> Model:
     """Load a LLaVA-1.5 or InstructBLIP-Vicuna checkpoint folder, a repo id in the local HF cache, or an
     embedded model by name (`"vicrop-tiny"`, trained on synthetic small-detail VQA, see README).
 
     `place` puts the host parameter tree on devices (`sharding.load_sharded` splits it over a mesh).
     `family` overrides the one that config.json's model_type names (a family defined outside the library).
+    `check_finite` refuses weights holding NaN or infinity, naming the tensors (the CLI always checks).
 
-    dtype is both the parameter and the compute dtype; attention logits and softmax stay float32.
+    dtype is both the parameter and the compute dtype ("auto": the one config.json records); attention logits
+    and softmax stay float32.
     """
     folder = checkpoint_folder(path_or_repo_id)
-    hf_config = json.loads((folder / "config.json").read_text())
+    hf_config = read_config(folder)
     family = family or family_for(hf_config)
     config = family.read_config(hf_config)
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, hf_config)
+    image_config = ImageProcessorConfig.from_preprocessor_config(read_image_processor_config(folder))
     module = family.module_class(config, dtype=dtype, param_dtype=dtype)
-    params = place(read_params(folder, family, config, module, dtype, allow_pickle))
-    image_config = ImageProcessorConfig.from_preprocessor_config(
-        json.loads((folder / "preprocessor_config.json").read_text())
-    )
+    host_params = read_params(folder, family, config, module, dtype, allow_pickle)
+    if check_finite:
+        bad = nonfinite_parameters(host_params)
+        if bad:
+            shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise ValueError(f"checkpoint {folder} holds NaN or infinite weights in {len(bad)} tensor(s): {shown}; "
+                             "the file is damaged or was converted from a diverged run")
+    params = place(host_params)
     return Model(family, config, module, params, Tokenizer.from_folder(folder), image_config, folder,
                  family.read_extra_tokenizer(folder))
 
@@ -107,29 +147,31 @@ def save_flax_checkpoint(model: Model, out_folder: str | os.PathLike) -> Path:
     flat = traverse_util.flatten_dict(jax.device_get(model.params))
     write_checkpoint({"/".join(path): np.asarray(value) for path, value in flat.items()}, out)
     (out / "model.safetensors").rename(out / FLAX_PARAMS_FILE)
-    _copy_side_files(model.path, out)
+    _copy_side_files(model.path, out, dtype_name(model.module.param_dtype))
     return out
 
 
 def save_hf_checkpoint(model: Model, out_folder: str | os.PathLike, dtype: Any = None, max_shard_bytes=None):
     """Write params back as a Hugging Face checkpoint (safetensors in transformers' key layout)."""
-    table = model.family.conversion_table(model.config)
-    tensors = flax_to_hf(table, model.params, None if dtype is None else resolve_dtype(dtype))
+    dtype = model.module.param_dtype if dtype is None else resolve_dtype(dtype)
+    tensors = flax_to_hf(model.family.conversion_table(model.config), model.params, dtype)
     out = Path(out_folder)
     write_checkpoint(tensors, out, max_shard_bytes)
-    _copy_side_files(model.path, out)
+    _copy_side_files(model.path, out, dtype_name(dtype))
     return out
 
 
-def _copy_side_files(source: Path, out: Path) -> None:
-    """Config, tokenizer(s) and processor files travel with converted weights."""
-    if source.resolve() == out.resolve():
-        return
-    for name in _SIDE_FILES:
-        if (source / name).exists():
-            (out / name).write_bytes((source / name).read_bytes())
-    for folder in (path for path in source.iterdir() if (path / "tokenizer.json").exists()):
-        shutil.copytree(folder, out / folder.name, dirs_exist_ok=True)  # a second tokenizer (the Q-Former's)
+def _copy_side_files(source: Path, out: Path, dtype: str) -> None:
+    """Config (with the weights' dtype recorded), tokenizer(s) and processor files travel with converted weights."""
+    config = {**read_config(source), "dtype": dtype}
+    config.pop("torch_dtype", None)
+    if source.resolve() != out.resolve():
+        for name in _SIDE_FILES:
+            if (source / name).exists():
+                (out / name).write_bytes((source / name).read_bytes())
+        for folder in (path for path in source.iterdir() if (path / "tokenizer.json").exists()):
+            shutil.copytree(folder, out / folder.name, dirs_exist_ok=True)  # a second tokenizer (the Q-Former's)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 _SIDE_FILES = (

@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+from vicrop_jax.evaluation.metrics import METRICS
 from vicrop_jax.vicrop.methods import MAP_METHOD_NAMES, STRATEGY_NAMES
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEMO_SEED, DEMO_INDEX = 2, 25  # a held-out synthetic scene (training used seed 0, evaluation seed 1)
 
 
@@ -18,7 +20,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import vicrop_jax
     from vicrop_jax.testing.synthetic import make_record
 
-    model = vicrop_jax.load(args.model)
+    model = vicrop_jax.load(args.model, check_finite=True)
     record = make_record(DEMO_SEED, args.index)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,16 +42,17 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     import vicrop_jax
-    from vicrop_jax._loading import save_flax_checkpoint, save_hf_checkpoint
+    from vicrop_jax._loading import dtype_name, save_flax_checkpoint, save_hf_checkpoint
 
     start = time.perf_counter()
-    model = vicrop_jax.load(args.source, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    model = vicrop_jax.load(args.source, dtype=args.dtype, allow_pickle=args.allow_pickle, check_finite=True)
     if args.format == "flax":
         save_flax_checkpoint(model, args.out)
     else:
         shard = None if args.max_shard_mb is None else int(args.max_shard_mb * 2**20)
         save_hf_checkpoint(model, args.out, max_shard_bytes=shard)
-    print(f"converted {args.source} -> {args.out} ({args.format}, {args.dtype}) in {time.perf_counter() - start:.1f} s")
+    dtype = dtype_name(model.module.param_dtype)
+    print(f"converted {args.source} -> {args.out} ({args.format}, {dtype}) in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -77,19 +80,22 @@ def add_eval_parser(commands) -> None:
     evaluate.add_argument("--model", required=True, help="checkpoint folder or cached repo id")
     evaluate.add_argument("--method", default="rel_att", choices=STRATEGY_NAMES)
     evaluate.add_argument("--out", type=Path, required=True, help="results JSONL (appended; resumed)")
-    evaluate.add_argument("--metric", default="vqa", choices=("vqa", "gqa", "mc", "pope"))
+    evaluate.add_argument("--metric", default="auto", choices=("auto", *METRICS),
+                          help="auto: vqa for lists of human answers, pope for yes/no labels, else gqa")
     evaluate.add_argument("--batch-size", type=int, default=8, help="rounded up to a multiple of the devices")
     evaluate.add_argument("--dataset-format", default="auto", choices=("auto", "records", "textvqa"))
     evaluate.add_argument("--dataset-name", help="dataset column of the tables (default: from the data file)")
     evaluate.add_argument("--high-res", action="store_true", help="tile images above 1024 px for the map")
     evaluate.add_argument("--limit", type=int, help="only the first N records")
-    evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    evaluate.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: the checkpoint's own")
     evaluate.add_argument("--max-new-tokens", type=int, default=20)
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the random baseline (plus record index)")
     evaluate.add_argument("--layer", type=int, help="LM layer of the map (default: the paper's)")
     evaluate.add_argument("--qformer-layer", type=int, default=2, help="InstructBLIP cross-attention layer")
     evaluate.add_argument("--process-index", type=int, help="this process's share: records i %% count == index")
     evaluate.add_argument("--process-count", type=int, help="number of processes sharing the run")
+    evaluate.add_argument("--allow-outside-images", action="store_true",
+                          help="read image paths that leave --images (absolute, '..', links out)")
     evaluate.add_argument("--distributed", action="store_true",
                           help="call jax.distributed.initialize() to take the process index and count from it")
     evaluate.set_defaults(run=run_eval)
@@ -116,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="HF checkpoint folder or cached repo id")
     convert.add_argument("out", help="output folder")
     convert.add_argument("--format", choices=("flax", "hf"), default="flax")
-    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    convert.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: the checkpoint's own")
     convert.add_argument("--max-shard-mb", type=float, help="shard HF output above this size")
     convert.add_argument("--allow-pickle", action="store_true", help="read pytorch_model*.bin (runs torch.load)")
     convert.set_defaults(run=run_convert)
@@ -131,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"vicrop-jax {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a read-only or full disk, a folder where a file was expected
+        print(f"vicrop-jax {args.command}: error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         return 2
 
 

@@ -1,4 +1,4 @@
-"""The paper-exact prompt templates (SPEC section 1)."""
+"""The paper-exact prompt templates (docs/method.md (Models and prompts))."""
 
 GENERAL_QUESTION = "Write a general description of the image."
 LLAVA_ANSWER_SUFFIX = " Answer the question using a single word or phrase."

@@ -169,7 +169,7 @@ def resolve_checkpoint_folder(path_or_repo_id: str | os.PathLike) -> Path:
             return snapshots[-1]
         raise FileNotFoundError(
             f"{name!r} is not a folder and not in the local Hugging Face cache ({repo}). vicrop_jax never "
-            f"downloads: fetch it once with `huggingface-cli download {name}` where a network is available, "
+            f"downloads: fetch it once with `hf download {name}` where a network is available, "
             "or pass the folder that holds config.json and the safetensors."
         )
     raise FileNotFoundError(f"{path} is not a folder with a checkpoint (config.json + safetensors)")

@@ -17,6 +17,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from weights_conversion.hf_folder import read_json
+
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -30,12 +32,26 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        size = self.path.stat().st_size
+        bad = lambda why: ValueError(f"{self.path} is not a valid safetensors file: {why}; "  # noqa: E731
+                                     "it was probably cut short or damaged, so copy or convert it again")
+        if size < 8:
+            raise bad(f"it is {size} bytes long, shorter than the 8-byte header length")
         with open(self.path, "rb") as f:
             (header_size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_size))
+            if header_size > size - 8:
+                raise bad(f"its header claims {header_size} bytes but the file holds {size - 8} after the length")
+            try:
+                header = json.loads(f.read(header_size))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise bad("its header is not JSON") from None
+        if not isinstance(header, dict):
+            raise bad("its header is not a JSON object")
         header.pop("__metadata__", None)
-        self._header = header
         self._data_start = 8 + header_size
+        for key, entry in header.items():
+            _check_entry(key, entry, size - self._data_start, bad)
+        self._header = header
 
     def __getitem__(self, key: str) -> np.ndarray:
         entry = self._header[key]
@@ -52,6 +68,21 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._header)
+
+
+def _check_entry(key: str, entry, data_size: int, bad) -> None:
+    """A header entry names a known dtype, a shape and a byte range of that size inside the file's data."""
+    try:
+        begin, end = entry["data_offsets"]
+        itemsize = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]]).itemsize
+        count = int(np.prod(entry["shape"], dtype=np.int64))
+    except (KeyError, TypeError, ValueError):
+        raise bad(f"tensor {key!r} has no valid dtype, shape and data_offsets ({entry!r})") from None
+    if not 0 <= begin <= end <= data_size:
+        raise bad(f"tensor {key!r} lies at bytes {begin}..{end} of a data section of {data_size} bytes")
+    if end - begin != count * itemsize:
+        raise bad(f"tensor {key!r} of shape {entry['shape']} ({entry['dtype']}) needs {count * itemsize} bytes, "
+                  f"its range holds {end - begin}")
 
 
 class Checkpoint(Mapping[str, np.ndarray]):
@@ -85,7 +116,14 @@ def open_checkpoint(folder: str | os.PathLike, allow_pickle: bool = False, filen
         single = SafetensorsFile(folder / filename)
         return Checkpoint({key: single for key in single})
     if (folder / INDEX_FILE).exists():
-        weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        index = read_json(folder / INDEX_FILE)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{folder / INDEX_FILE} has no 'weight_map' object naming each tensor's shard")
+        missing = sorted(name for name in set(weight_map.values()) if not (folder / name).is_file())
+        if missing:
+            raise FileNotFoundError(f"{folder / INDEX_FILE} names shard(s) that are not in the folder: "
+                                    f"{', '.join(missing)}")
         shards = {name: SafetensorsFile(folder / name) for name in sorted(set(weight_map.values()))}
         files = {key: shards[name] for key, name in weight_map.items()}
         for shard in shards.values():  # keys present in a shard but missing from the index still count
@@ -139,14 +177,22 @@ def write_checkpoint(
         shards[-1][key] = array
         size += array.nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(folder / SINGLE_FILE), metadata={"format": "pt"})
+        _save(shards[0], folder / SINGLE_FILE)
         return [SINGLE_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        _save(shard, folder / name)
     index = {
         "metadata": {"total_size": sum(a.nbytes for s in shards for a in s.values())},
         "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
     }
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
     return names
+
+
+def _save(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """save_file writes through a private temporary file (mode 0600): give it an ordinary file's mode."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

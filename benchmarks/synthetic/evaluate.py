@@ -2,7 +2,7 @@
 
     python -m benchmarks.synthetic.evaluate --model vicrop-tiny --count 1000 --out runs/synthetic
 
-1. Writes the held-out set (seed 1; training used seed 0) in SPEC section 7 format, unless present.
+1. Writes the held-out set (seed 1; training used seed 0) in docs/method.md (Data) format, unless present.
 2. Runs `vicrop-jax eval`'s runner once per method (none, gt, random, center, rel_att, grad_att,
    pure_grad); results are JSONL that resume where a run stopped.
 3. Prints and writes (`summary.json`, `summary.md`): accuracy by size tercile of the answer box's area

@@ -1,6 +1,6 @@
 """Benchmark evaluation: dataset readers, the paper's scores, `vicrop-jax eval` and `vicrop-jax score`.
 
-- `datasets.read_dataset(path, dataset_format="auto")`: SPEC section 7 records (JSON list or JSONL) or the
+- `datasets.read_dataset(path, dataset_format="auto")`: docs/method.md (Data) records (JSON list or JSONL) or the
   official TextVQA json, with every malformed record named.
 - `metrics`: VQA accuracy with the official normalisation, GQA containment, multiple choice and POPE by
   string similarity, the paper's size bands.

@@ -1,4 +1,4 @@
-"""Benchmark readers: the records of SPEC section 7 (JSON list or JSONL) and the official TextVQA json.
+"""Benchmark readers: the records of docs/method.md (Data) (JSON list or JSONL) and the official TextVQA json.
 
 Every malformed record is reported at once, each with where it is (`record [3]` of a list, `line 4` of a
 JSONL file), the field and what was expected, so a dataset can be fixed in one pass. Bytes that are not
@@ -7,8 +7,10 @@ UTF-8 are decoded as U+FFFD with a warning: the record goes on rather than faili
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -70,8 +72,11 @@ def _is_labels(value: Any) -> bool:
 
 
 def _is_bbox(value: Any) -> bool:
+    """Four finite numbers, x1 < x2 and y1 < y2, not wholly left of or above the image (it is clipped to the
+    image once the image's size is known)."""
     return (isinstance(value, list) and len(value) == 4 and all(map(_is_number, value))
-            and value[0] < value[2] and value[1] < value[3])
+            and all(map(math.isfinite, value)) and value[0] < value[2] and value[1] < value[3]
+            and value[2] > 0 and value[3] > 0)
 
 
 def _is_id(value: Any) -> bool:
@@ -83,13 +88,14 @@ def _as_labels(value: Any) -> tuple[str, ...]:
 
 
 def parse_record(raw: Any, dataset: str | None = None) -> Record:
-    """One record of SPEC section 7; raises _FieldError naming the first bad field."""
+    """One record of docs/method.md (Data); raises _FieldError naming the first bad field."""
     if not isinstance(raw, dict):
         raise _FieldError("(record)", "a JSON object", raw)
     is_str = lambda v: isinstance(v, str)
     options = _get(raw, "options", "a list of at least 2 strings",
                    lambda v: isinstance(v, list) and len(v) >= 2 and all(map(is_str, v)), optional=True)
-    bbox = _get(raw, "bbox", "[x1, y1, x2, y2] numbers with x1 < x2 and y1 < y2", _is_bbox, optional=True)
+    bbox = _get(raw, "bbox", "[x1, y1, x2, y2] finite numbers with x1 < x2, y1 < y2, x2 > 0 and y2 > 0", _is_bbox,
+                optional=True)
     return Record(
         id=_get(raw, "id", "a string or an integer", _is_id),
         question=_get(raw, "question", "a string", is_str),
@@ -120,6 +126,10 @@ def parse_textvqa_record(raw: Any, dataset: str | None = None) -> Record:
 
 def _decode(path: Path) -> str:
     raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)) or (
+            raw[:64].count(0) > 8):
+        raise DatasetError(f"{path} is UTF-16 or UTF-32 text; expected UTF-8: save it as UTF-8 (e.g. "
+                           f"`iconv -f UTF-16 -t UTF-8 {path.name}`)")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:

@@ -1,7 +1,10 @@
-"""Per-answer scores of SPEC section 6, as the paper's scoring script computes them, and the size bands.
+"""Per-answer scores of docs/method.md (Scoring), each equal to the scorer it names, and the size bands.
 
-Every score is a float in [0, 1] for one prediction; a benchmark's accuracy is their mean. Where the
-published scoring departs from the official benchmark evaluation, the docstring says how.
+Every score is a float for one prediction (in [0, 1] but for `gqa_paper`); a benchmark's accuracy is their mean.
+The references, read at these commits:
+- the official VQA evaluation, GT-Vision-Lab/VQA `vqaEval.py` at a013f00 (2021, "Fixed processing answers bug");
+- the paper's scorer, saccharomycetes/mllms_know `get_score.py` at a64c5d5.
+Each metric's docstring says which it follows and where the other differs.
 """
 
 from __future__ import annotations
@@ -14,7 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
-METRICS = ("vqa", "gqa", "mc", "pope")
+METRICS = ("vqa", "vqa_paper", "gqa", "gqa_paper", "mc", "pope")
+METRIC_NAMES = {
+    "vqa": "VQA accuracy, official evaluation", "vqa_paper": "VQA accuracy, the paper's scorer",
+    "gqa": "label contained, once per record", "gqa_paper": "labels contained, summed as the paper's scorer",
+    "mc": "multiple choice", "pope": "yes/no",
+}
 
 # The official VQA eval's tables (github.com/GT-Vision-Lab/VQA, vqaEval.py). Its capitalised contraction
 # keys ("Im", "Ive", "Id've", "I'dve") are left out: they are looked up after lowercasing, so never match.
@@ -55,7 +63,9 @@ CONTRACTIONS = {
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 # The official pattern reads "(?!<=\d)": a typo for a look-behind that makes it "a period not followed by a
 # digit" (so "5." loses its period and "3.5" keeps it). Kept as is, because scores must match the official ones.
+# Its `sub("", text, re.UNICODE)` passes re.UNICODE (32) as the count: at most 32 periods go.
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+MAX_PERIODS_REMOVED = 32
 _DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")
 
 SIZE_BANDS = (("small", 0.005), ("medium", 0.05), ("large", math.inf))
@@ -70,7 +80,7 @@ def _strip_punctuation(text: str) -> str:
     for mark in PUNCTUATION:
         glue = "" if delete or mark + " " in text or " " + mark in text else " "
         out = out.replace(mark, glue)
-    return _PERIOD.sub("", out)
+    return _PERIOD.sub("", out, count=MAX_PERIODS_REMOVED)
 
 
 def _digits_articles_contractions(text: str) -> str:
@@ -78,36 +88,57 @@ def _digits_articles_contractions(text: str) -> str:
     return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
 
 
-def normalize_answer(text: str) -> str:
-    """The official VQA answer normalisation: punctuation, lower case, number words to digits, articles
-    removed, contractions fixed ("dont" -> "don't"), whitespace collapsed."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return _digits_articles_contractions(_strip_punctuation(text))
+def _clean(text: str) -> str:
+    """The official evaluation's first step on every answer: newlines and tabs to spaces, ends stripped."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str], *, leave_one_out: bool = False) -> float:
-    """VQA accuracy of one prediction against the human answers (usually 10).
+def normalize_answer(text: str, *, clean: bool = True) -> str:
+    """The VQA answer normalisation: punctuation, lower case, number words to digits, articles removed,
+    contractions fixed ("dont" -> "don't"), whitespace collapsed. `clean=False` skips the official evaluation's
+    pre-strip of newlines, tabs and the ends, as the paper's scorer does (which can change the punctuation
+    rule: a mark touching a leading space is deleted rather than spaced)."""
+    return _digits_articles_contractions(_strip_punctuation(_clean(text) if clean else text))
 
-    Default (SPEC, and the paper's scoring script): min(1, 0.3 * #answers equal to the prediction after
-    normalisation). The official VQA eval instead averages min(1, #matches among the other answers / 3)
-    over the leave-one-out subsets (`leave_one_out=True`); for 10 answers the two are identical (0, 0.3,
-    0.6, 0.9, 1), for other list lengths they differ. Both normalise the human answers fully; the official
-    eval only strips their punctuation, because its annotation files are normalised already.
-    """
-    predicted = normalize_answer(prediction)
-    hits = [normalize_answer(answer) == predicted for answer in answers]
-    if not leave_one_out:
-        return min(10, 3 * sum(hits)) / 10
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy as the official evaluation computes it: prediction and answers cleaned (`_clean`); both
+    normalised only when the answers are not all the same string; then the mean over the answers of
+    min(1, matches among the other answers / 3). For 10 answers that is min(1, 0.3 * matches)."""
+    answers = [_clean(answer) for answer in answers]
+    predicted = _clean(prediction)
+    if len(set(answers)) > 1:
+        answers = [normalize_answer(answer, clean=False) for answer in answers]
+        predicted = normalize_answer(predicted, clean=False)
+    hits = [answer == predicted for answer in answers]
     return sum(min(1.0, (sum(hits) - hit) / 3) for hit in hits) / max(1, len(hits))
 
 
-def gqa_accuracy(prediction: str, labels: Sequence[str]) -> float:
-    """1 if a normalised label is a substring of the normalised prediction (the paper's GQA scoring).
+def vqa_paper_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy as the paper's scorer computes it: min(1, 0.3 * answers equal to the prediction), both
+    always normalised, without the pre-strip. It differs from the official one on short answer lists, on
+    lists of identical answers (the official compares them unnormalised) and on surrounding whitespace."""
+    predicted = normalize_answer(prediction, clean=False)
+    return min(0.3 * sum(normalize_answer(answer, clean=False) == predicted for answer in answers), 1)
 
-    Substring, not word, containment is paper-exact; note that it lets the label "no" match "not".
+
+def _contained(prediction: str, labels: Sequence[str]) -> list[bool]:
+    predicted = normalize_answer(prediction, clean=False)
+    return [normalize_answer(label, clean=False) in predicted for label in labels]
+
+
+def gqa_accuracy(prediction: str, labels: Sequence[str]) -> float:
+    """1 if a label, normalised as the paper's scorer does, is a substring of the normalised prediction.
+
+    Substring, not word, containment is paper-exact; note that it lets the label "no" match "not". The paper's
+    scorer adds 1 for every contained label, so a record can score above 1 (`gqa_paper_accuracy`).
     """
-    predicted = normalize_answer(prediction)
-    return float(any(normalize_answer(label) in predicted for label in labels))
+    return float(any(_contained(prediction, labels)))
+
+
+def gqa_paper_accuracy(prediction: str, labels: Sequence[str]) -> float:
+    """The paper's GQA score: the number of labels contained in the prediction (uncapped)."""
+    return float(sum(_contained(prediction, labels)))
 
 
 def choose_option(prediction: str, options: Sequence[str]) -> int:
@@ -125,7 +156,11 @@ def question_options(question: str) -> tuple[str, ...]:
 
 def multiple_choice_accuracy(prediction: str, options: Sequence[str], labels: Sequence[str]) -> float:
     """1 if the option closest to the prediction is the label: given as the option's text, or its letter
-    (A for the first option, also written "(A)" or "A.")."""
+    (A for the first option, also written "(A)" or "A.").
+
+    The option is chosen as the paper's scorer chooses it; the paper's scorer then scores the letter with its
+    VQA rule, so a right choice gets 0.3 against one label: a slip we do not reproduce (V* reports accuracy).
+    """
     chosen = choose_option(prediction, options)
     letter = string.ascii_uppercase[chosen] if chosen < len(string.ascii_uppercase) else None
     text = normalize_answer(options[chosen])
@@ -135,8 +170,10 @@ def multiple_choice_accuracy(prediction: str, options: Sequence[str], labels: Se
 
 
 def pope_accuracy(prediction: str, labels: Sequence[str]) -> float:
-    """1 if the prediction, matched to "yes" or "no" by string similarity (the paper's POPE scoring), is the
-    label. (POPE's own script instead answers "no" when "no"/"not" is a word of the first sentence.)"""
+    """1 if the prediction, matched to "yes" or "no" by string similarity as the paper's scorer does (the raw
+    prediction, "yes" on ties), is the label. The label is read case-insensitively; the paper's compares it as
+    written, the same for POPE's lowercase labels. (POPE's own script instead answers "no" when "no"/"not" is a
+    word of the first sentence.)"""
     chosen = ("yes", "no")[choose_option(prediction, ("yes", "no"))]
     return float(labels[0].strip().lower() == chosen)
 
@@ -145,8 +182,12 @@ def score_answer(metric: str, prediction: str, labels: Sequence[str], options: S
     """The score of one prediction under `metric` (one of METRICS)."""
     if metric == "vqa":
         return vqa_accuracy(prediction, labels)
+    if metric == "vqa_paper":
+        return vqa_paper_accuracy(prediction, labels)
     if metric == "gqa":
         return gqa_accuracy(prediction, labels)
+    if metric == "gqa_paper":
+        return gqa_paper_accuracy(prediction, labels)
     if metric == "mc":
         return multiple_choice_accuracy(prediction, options, labels)
     if metric == "pope":

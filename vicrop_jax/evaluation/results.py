@@ -3,11 +3,13 @@ complete lines plus at most one partial last line, which `read_results` detects.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO, Iterable, Iterator
 
 _PROCESS_SUFFIX = re.compile(r"\.process\d+-of-\d+$")
 
@@ -65,8 +67,28 @@ def read_results(path: str | Path, repair: bool = False) -> list[dict]:
     return lines
 
 
+@contextlib.contextmanager
+def exclusive_writer(path: Path) -> Iterator[IO[str]]:
+    """The results file opened for appending, with an exclusive lock that a second writer is refused."""
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder: pass the path of a results file (e.g. {path / 'results.jsonl'})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = open(path, "a", encoding="utf-8")
+    except PermissionError:
+        raise ValueError(f"cannot write {path}: permission denied; pass another --out") from None
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another process is writing {path}: wait for it to finish (a rerun then resumes) "
+                             "or pass another --out") from None
+        yield handle
+
+
 def append_results(handle: IO[str], lines: Iterable[dict]) -> None:
-    """Write lines in one go, then flush and fsync: after a crash each line is either whole or last."""
-    handle.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    """Write lines in one go, then flush and fsync: after a crash each line is either whole or last. Numbers
+    that JSON cannot hold (NaN, infinity) are refused before anything is written."""
+    handle.write("".join(json.dumps(line, ensure_ascii=False, allow_nan=False) + "\n" for line in lines))
     handle.flush()
     os.fsync(handle.fileno())

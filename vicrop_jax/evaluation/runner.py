@@ -1,7 +1,7 @@
 """`vicrop-jax eval`: one benchmark, one model, one method -> a JSONL file of per-record results.
 
     vicrop-jax eval --data textvqa_val.json --images train_images/ --model llava-hf/llava-1.5-7b-hf \\
-        --method rel_att --batch-size 16 --metric vqa --out results/llava-textvqa-rel_att.jsonl
+        --method rel_att --batch-size 16 --out results/llava-textvqa-rel_att.jsonl
 
 Batched: map methods run `answer_batch`'s vmapped program (`_pipeline.pipeline_batch`), one compile per
 image-size and prompt-length bucket; baselines and `--high-res` go record by record (`answer`).
@@ -9,11 +9,13 @@ image-size and prompt-length bucket; baselines and `--high-res` go record by rec
 Resumable: a result line is appended per record, and each batch is flushed and fsync'd. Rerunning the
 same command skips the ids already in the file (failed ones included: delete their lines to retry), and
 a partial last line left by a killed run is cut off first, so a kill loses at most the batch in flight
-and never duplicates a record. The file must hold the same method, model and metric.
+and never duplicates a record. Every line records the settings that shape its result (`run`: method, model
+and checkpoint hash, metric, data, dtype, map options, ...): a resume with other settings is refused, and so
+is a second process writing the same file while the first holds its lock.
 
-Failures stay per record: an empty or too long question, or a missing or unreadable image, is found on
-the host before batching and gets an `error`; if a batch still raises, its records are retried one by one,
-so only the bad one gets the error. Exit status: 0 all answered, 1 some records failed, 2 bad usage/input.
+Failures stay per record: an empty or too long question, a missing or unreadable image, an image path that
+leaves the image folder or a box outside the image is found on the host before batching and gets an `error`;
+if a batch still raises, its records are retried one by one, so only the bad one gets the error. Exit status: 0 all answered, 1 some records failed, 2 bad usage/input.
 
 Several GPUs on one host: nothing to do. With N local devices, the batch is rounded up to a multiple of
 N and every batch array is placed with `NamedSharding(Mesh(local devices, ("data",)), P("data"))`, the
@@ -49,16 +51,15 @@ import PIL.Image
 from jax.sharding import Mesh
 
 import vicrop_jax
-from vicrop_jax._generation import prompt_inputs
-from vicrop_jax._loading import Model
-from vicrop_jax.vicrop._api import run_padded_batch
+from vicrop_jax._loading import Model, checkpoint_identity
+from vicrop_jax.vicrop._api import question_problem, run_padded_batch
 from vicrop_jax.vicrop.methods import (
     GroundTruth, MapMethod, Strategy, method_from_name, option_names, resolve_method, strategy_class,
 )
 from vicrop_jax.evaluation.datasets import Record, check_options, read_dataset, record_options
-from vicrop_jax.evaluation.metrics import area_fraction, score_answer
+from vicrop_jax.evaluation.metrics import METRIC_NAMES, area_fraction, score_answer
 from vicrop_jax.evaluation.progress import Progress
-from vicrop_jax.evaluation.results import append_results, process_path, read_results
+from vicrop_jax.evaluation.results import append_results, exclusive_writer, process_path, read_results
 from vicrop_jax.preprocessing import load_image
 
 MAX_LISTED_FAILURES = 10
@@ -71,13 +72,13 @@ class EvalSettings:
     model: str
     out: Path
     method: str = "rel_att"
-    metric: str = "vqa"
+    metric: str = "auto"
     batch_size: int = 8
     dataset_format: str = "auto"
     dataset_name: str | None = None
     high_res: bool = False
     limit: int | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     max_new_tokens: int = 20
     seed: int = 0
     layer: int | None = None
@@ -85,6 +86,16 @@ class EvalSettings:
     process_index: int | None = None
     process_count: int | None = None
     distributed: bool = False
+    allow_outside_images: bool = False
+
+    def identity(self, metric: str, model_id: str) -> dict:
+        """The settings that shape a run's results, all recorded in each line: a resume must match them."""
+        return {
+            "method": self.method, "model": self.model, "model_id": model_id, "metric": metric,
+            "data": str(self.data.resolve()), "dataset_format": self.dataset_format, "dtype": self.dtype,
+            "max_new_tokens": self.max_new_tokens, "seed": self.seed, "layer": self.layer,
+            "qformer_layer": self.qformer_layer, "high_res": self.high_res,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,19 +130,33 @@ def assigned_records(records: Sequence[Record], limit: int | None, index: int, c
     return [(i, record) for i, record in enumerate(kept) if i % count == index]
 
 
-def finished_ids(path: Path, settings: EvalSettings) -> set[str]:
-    """Ids already in `path` (a partial last line is cut off first); refuses the file of another run."""
+def finished_ids(path: Path, identity: dict) -> set[str]:
+    """Ids already in `path` (a partial last line is cut off first); refuses the file of a run whose settings
+    differ in anything that shapes the results."""
     if not path.exists():
         return set()
     lines = read_results(path, repair=True)
     for number, line in enumerate(lines, 1):
-        run = (line.get("method"), line.get("model"), line.get("metric"))
-        if "id" not in line or run != (settings.method, settings.model, settings.metric):
-            raise ValueError(
-                f"{path} line {number} is not a result of this run (method {run[0]!r}, model {run[1]!r}, metric "
-                f"{run[2]!r}); resuming needs the same --method, --model and --metric, or pass another --out"
-            )
+        run = line.get("run")
+        if "id" not in line or not isinstance(run, dict):
+            raise ValueError(f"{path} line {number} is not a result line that records its run's settings (an "
+                             "older vicrop-jax or another program wrote it); pass another --out")
+        differing = [f"{key} {run.get(key)!r} there, {value!r} now" for key, value in identity.items()
+                     if run.get(key) != value]
+        if differing:
+            raise ValueError(f"{path} line {number} comes from a run with other settings ({'; '.join(differing)}); "
+                             "resuming needs the same settings, or pass another --out")
     return {str(line["id"]) for line in lines}
+
+
+def choose_metric(records: Sequence[Record]) -> str:
+    """The metric the data calls for: VQA accuracy for lists of human answers (3 or more), POPE for yes/no
+    labels, GQA-style containment for other single labels. Multiple choice is asked for with --metric mc."""
+    if any(len(record.labels) >= 3 for record in records):
+        return "vqa"
+    if all(label.strip().lower() in ("yes", "no") for record in records for label in record.labels):
+        return "pope"
+    return "gqa"
 
 
 def data_mesh(batch_size: int) -> tuple[Mesh | None, int]:
@@ -142,40 +167,49 @@ def data_mesh(batch_size: int) -> tuple[Mesh | None, int]:
     return Mesh(np.array(devices), ("data",)), -(-batch_size // len(devices)) * len(devices)
 
 
-def question_problem(model: Model, record: Record, max_new_tokens: int) -> str | None:
-    """Why the question cannot be asked (empty, longer than the model's positions), or None."""
-    if not record.question.strip():
-        return "empty question"
-    text_limit = model.config.text.max_position_embeddings
-    try:
-        for question, images in ((record.question, 2), (record.short_question or record.question, 1)):
-            prompt = model.family.prompt(question, images)
-            tokens = len(prompt_inputs(model, prompt, images)[0]) + max_new_tokens
-            if tokens > text_limit:
-                return (f"question too long: {tokens} tokens, model allows {text_limit} (the prompt with "
-                        f"{images} image(s) and {max_new_tokens} new tokens)")
-            problem = model.family.prompt_problem(model, prompt)
-            if problem is not None:
-                return problem
-    except ValueError as error:  # e.g. a literal "<image>" in a LLaVA question
-        return f"bad question: {error}"
-    return None
+def image_file(settings: EvalSettings, record: Record) -> Path:
+    """The record's image; a path that leaves the image folder (absolute, `..`, a link out) is refused unless
+    allowed, so that a dataset file cannot make the run read any file on the machine."""
+    path = settings.images / record.image_path
+    if not settings.allow_outside_images and not path.resolve().is_relative_to(settings.images.resolve()):
+        raise PermissionError(f"image path {record.image_path!r} leaves the image folder {settings.images} "
+                              "(pass --allow-outside-images to read it)")
+    return path
+
+
+def clipped_bbox(record: Record, image_size: tuple[int, int]) -> tuple[float, ...] | None:
+    """The ground-truth box clipped to the image; ValueError when nothing of it is inside."""
+    if record.bbox is None:
+        return None
+    width, height = image_size
+    x1, y1, x2, y2 = record.bbox
+    box = (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
+    if box[0] >= box[2] or box[1] >= box[3]:
+        raise ValueError(f"bbox {list(record.bbox)} lies outside the {width}x{height} image")
+    return box
 
 
 def prepare(model: Model, strategy: Strategy, settings: EvalSettings, index: int, record: Record) -> Prepared:
     """Host checks before batching, so that a bad record never reaches (and fails) a batch."""
-    problem = question_problem(model, record, settings.max_new_tokens)
+    problem = question_problem(model, record.question, settings.max_new_tokens, record.short_question)
     if problem is None and isinstance(strategy, GroundTruth) and record.bbox is None:
         problem = "method 'gt' needs the record's ground-truth 'bbox'"
     if problem is not None:
         return Prepared(index, record, error=problem)
-    path = settings.images / record.image_path
     try:
-        return Prepared(index, record, image=load_image(path))
+        path = image_file(settings, record)
+        image = load_image(path)
+    except PermissionError as error:
+        return Prepared(index, record, error=str(error))
     except FileNotFoundError:
-        return Prepared(index, record, error=f"image not found: {path}")
+        return Prepared(index, record, error=f"image not found: {settings.images / record.image_path}")
     except Exception as error:  # ValueError for unreadable files, DecompressionBombError, ...
         return Prepared(index, record, error=f"unreadable image: {error}")
+    try:
+        record = dataclasses.replace(record, bbox=clipped_bbox(record, image.size))
+    except ValueError as error:
+        return Prepared(index, record, error=str(error))
+    return Prepared(index, record, image=image)
 
 
 def answer_or_error(answer_fn: Callable[[list[Prepared]], list[vicrop_jax.Answer]],
@@ -215,13 +249,13 @@ def batch_answer_fn(model: Model, strategy: Strategy, settings: EvalSettings, me
     )
 
 
-def result_line(prepared: Prepared, outcome: Outcome | None, settings: EvalSettings, dataset: str) -> dict:
-    """One JSONL line: SPEC section 7 fields, the run's identity, and the record's scores."""
-    record = prepared.record
+def result_line(prepared: Prepared, outcome: Outcome | None, identity: dict, dataset: str) -> dict:
+    """One JSONL line: docs/method.md (Data) fields, the run's settings, and the record's scores."""
+    record, metric = prepared.record, identity["metric"]
     line = {
         "id": record.id, "dataset": record.dataset or dataset, "question": record.question,
-        "labels": list(record.labels), "image_path": record.image_path, "method": settings.method,
-        "model": settings.model, "metric": settings.metric,
+        "labels": list(record.labels), "image_path": record.image_path, "method": identity["method"],
+        "model": identity["model"], "metric": metric, "run": identity,
     }
     if record.bbox is not None:
         line["gt_bbox"] = list(record.bbox)
@@ -231,44 +265,45 @@ def result_line(prepared: Prepared, outcome: Outcome | None, settings: EvalSetti
     if error is not None:
         return {**line, "original_answer": None, "crop_answer": None, "bbox": None, "original_correct": None,
                 "crop_correct": None, "timing": None, "error": error}
-    options = record_options(record) if settings.metric == "mc" else ()
+    options = record_options(record) if metric == "mc" else ()
     return {
         **line,
         "original_answer": outcome.original_answer,
         "crop_answer": outcome.answer,
         "bbox": None if outcome.bbox is None else list(outcome.bbox),
-        "original_correct": score_answer(settings.metric, outcome.original_answer, record.labels, options),
-        "crop_correct": score_answer(settings.metric, outcome.answer, record.labels, options),
+        "original_correct": score_answer(metric, outcome.original_answer, record.labels, options),
+        "crop_correct": score_answer(metric, outcome.answer, record.labels, options),
         "timing": outcome.timings,
         "error": None,
     }
 
 
-def run_batches(model: Model, strategy: Strategy, settings: EvalSettings, pending, out: Path, batch_size: int,
-                answer_fn, progress: Progress, dataset: str) -> None:
-    """Answer `pending` batch by batch, appending each batch's lines (flushed, fsync'd) to `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as handle:
-        for begin in range(0, len(pending), batch_size):
-            prepared = [prepare(model, strategy, settings, i, record)
-                        for i, record in pending[begin:begin + batch_size]]
-            ready = [p for p in prepared if p.error is None]
-            outcomes = dict(zip((p.index for p in ready), answer_or_error(answer_fn, ready) if ready else []))
-            lines = [result_line(p, outcomes.get(p.index), settings, dataset) for p in prepared]
+def run_batches(model: Model, strategy: Strategy, settings: EvalSettings, identity: dict, pending, handle,
+                batch_size: int, answer_fn, progress: Progress, dataset: str) -> None:
+    """Answer `pending` batch by batch, appending each batch's lines (flushed, fsync'd) to `handle`."""
+    for begin in range(0, len(pending), batch_size):
+        prepared = [prepare(model, strategy, settings, i, record) for i, record in pending[begin:begin + batch_size]]
+        ready = [p for p in prepared if p.error is None]
+        outcomes = dict(zip((p.index for p in ready), answer_or_error(answer_fn, ready) if ready else []))
+        lines = [result_line(p, outcomes.get(p.index), identity, dataset) for p in prepared]
+        try:
             append_results(handle, lines)
-            progress.update(len(lines), sum(line["error"] is not None for line in lines))
+        except OSError as error:  # a full disk: the lines written so far stay, and a rerun resumes
+            raise ValueError(f"cannot append to {handle.name}: {error.strerror}; free space and rerun to "
+                             "resume") from None
+        progress.update(len(lines), sum(line["error"] is not None for line in lines))
     progress.close()
 
 
-def summary(lines: list[dict], out: Path, new: int) -> str:
+def summary(lines: list[dict], out: Path, new: int, metric: str) -> str:
     """How many records, how many failed (and why), and the accuracies of the scored ones."""
     failed = [line for line in lines if line["error"] is not None]
     scored = [line for line in lines if line["error"] is None]
     text = [f"{len(lines)} records in {out} ({new} new this run), {len(failed)} failed"]
     if scored:
-        mean = lambda key: 100 * sum(line[key] for line in scored) / len(scored)
-        text.append(f"accuracy over {len(scored)} answered: original {mean('original_correct'):.2f}%, "
-                    f"with crop {mean('crop_correct'):.2f}%")
+        mean = lambda key: 100 * sum(line[key] for line in scored) / len(scored)  # noqa: E731
+        text.append(f"accuracy ({METRIC_NAMES[metric]}) over {len(scored)} answered: original "
+                    f"{mean('original_correct'):.2f}%, with crop {mean('crop_correct'):.2f}%")
     text += [f"  failed id {line['id']!r}: {line['error']}" for line in failed[:MAX_LISTED_FAILURES]]
     if len(failed) > MAX_LISTED_FAILURES:
         text.append(f"  ... and {len(failed) - MAX_LISTED_FAILURES} more (see the 'error' field)")
@@ -278,7 +313,8 @@ def summary(lines: list[dict], out: Path, new: int) -> str:
 def evaluate(settings: EvalSettings) -> int:
     """Run (or resume) an evaluation; returns the exit status (0 all answered, 1 some records failed)."""
     records = read_dataset(settings.data, settings.dataset_format, settings.dataset_name)
-    if settings.metric == "mc":
+    metric = choose_metric(records) if settings.metric == "auto" else settings.metric
+    if metric == "mc":
         check_options(records)
     if not settings.images.is_dir():
         raise ValueError(f"image folder {settings.images} not found")
@@ -288,20 +324,23 @@ def evaluate(settings: EvalSettings) -> int:
     index, count = process_slot(settings)
     assigned = assigned_records(records, settings.limit, index, count)
     out = process_path(settings.out, index, count)
-    finished = finished_ids(out, settings)
-    pending = [(i, record) for i, record in assigned if str(record.id) not in finished]
-    model = vicrop_jax.load(settings.model, dtype=settings.dtype)
-    mesh, batch_size = data_mesh(settings.batch_size)
-    if batch_size != settings.batch_size:
-        print(f"batch size {settings.batch_size} -> {batch_size}: a multiple of the {len(jax.local_devices())} "
-              "local devices", file=sys.stderr)
-    if mesh is not None:  # the parameters are replicated over the mesh once, for every batch of the run
-        replicated = jax.device_put(model.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        model = dataclasses.replace(model, params=replicated)
-    answer_fn = batch_answer_fn(model, strategy, settings, mesh, batch_size)
-    progress = Progress("eval", len(assigned), len(assigned) - len(pending))
-    run_batches(model, strategy, settings, pending, out, batch_size, answer_fn, progress, settings.data.stem)
+    identity = settings.identity(metric, checkpoint_identity(settings.model))
+    with exclusive_writer(out) as handle:
+        finished = finished_ids(out, identity)
+        pending = [(i, record) for i, record in assigned if str(record.id) not in finished]
+        model = vicrop_jax.load(settings.model, dtype=settings.dtype, check_finite=True)
+        mesh, batch_size = data_mesh(settings.batch_size)
+        if batch_size != settings.batch_size:
+            print(f"batch size {settings.batch_size} -> {batch_size}: a multiple of the {len(jax.local_devices())} "
+                  "local devices", file=sys.stderr)
+        if mesh is not None:  # the parameters are replicated over the mesh once, for every batch of the run
+            replicated = jax.device_put(model.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            model = dataclasses.replace(model, params=replicated)
+        answer_fn = batch_answer_fn(model, strategy, settings, mesh, batch_size)
+        progress = Progress("eval", len(assigned), len(assigned) - len(pending))
+        run_batches(model, strategy, settings, identity, pending, handle, batch_size, answer_fn, progress,
+                    settings.data.stem)
     ids = {str(record.id) for _, record in assigned}
     lines = [line for line in read_results(out) if str(line["id"]) in ids]
-    print(summary(lines, out, len(pending)))
+    print(summary(lines, out, len(pending), metric))
     return 1 if any(line["error"] is not None for line in lines) else 0

@@ -52,10 +52,10 @@ def load_lines(paths: Sequence[Path]) -> tuple[list[dict], int]:
     lines, seen, dropped = [], set(), 0
     for path in paths:
         for number, line in enumerate(read_results(path), 1):
-            missing = [field for field in RESULT_FIELDS if field not in line]
-            if missing:
-                raise ValueError(f"{path} line {number} is not an eval result: it has no {', '.join(missing)}")
-            line = {**line, "dataset": line.get("dataset") or base_name(path)}
+            problem = _line_problem(line)
+            if problem:
+                raise ValueError(f"{path} line {number} is not an eval result: {problem}")
+            line = {**line, "dataset": line.get("dataset") or base_name(path), "model": model_identity(line)}
             key = (line["model"], line["dataset"], line["method"], str(line["id"]))
             if key in seen:
                 dropped += 1
@@ -65,9 +65,39 @@ def load_lines(paths: Sequence[Path]) -> tuple[list[dict], int]:
     return lines, dropped
 
 
-def model_name(model: str) -> str:
-    """The last part of a repo id or path: short enough for a table."""
-    return model.rstrip("/").split("/")[-1]
+def _line_problem(line: dict) -> str | None:
+    missing = [field for field in RESULT_FIELDS if field not in line]
+    if missing:
+        return f"it has no {', '.join(missing)}"
+    number = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
+    wrong = [f"{field} {line[field]!r}" for field, ok in (
+        ("id", isinstance(line["id"], (str, int))), ("model", isinstance(line["model"], str)),
+        ("method", isinstance(line["method"], str)), ("original_correct", number(line["original_correct"])),
+        ("crop_correct", number(line["crop_correct"])),
+        ("dataset", isinstance(line.get("dataset", ""), (str, type(None))))) if not ok]
+    return f"wrongly typed {', '.join(wrong)}" if wrong else None
+
+
+def model_identity(line: dict) -> str:
+    """The model as its run recorded it: the path or repo id, and the checkpoint's hash where recorded, so that
+    two checkpoints of one name are not blended."""
+    model_id = (line.get("run") or {}).get("model_id")
+    return f"{line['model']}#{model_id}" if model_id else line["model"]
+
+
+def short_names(models: Sequence[str]) -> dict[str, str]:
+    """Each model's shortest trailing part of its path that no other model shares, for the tables."""
+    names = {}
+    for model in models:
+        path, _, model_id = model.partition("#")
+        parts = path.rstrip("/").split("/")
+        for count in range(1, len(parts) + 1):
+            name = "/".join(parts[-count:])
+            if all(other == model or not other.partition("#")[0].rstrip("/").endswith(name) for other in models):
+                break
+        same_path = [other for other in models if other.partition("#")[0] == path]
+        names[model] = name + (f" ({model_id[:8]})" if len(same_path) > 1 and model_id else "")
+    return names
 
 
 def _row_key(model: str, method: str) -> tuple:
@@ -83,7 +113,7 @@ def scored_rows(lines: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
     for line in lines:
         if line.get("error") is not None:
             continue
-        model, dataset = model_name(line["model"]), line["dataset"]
+        model, dataset = line["model"], line["dataset"]
         entry = {"id": str(line["id"]), "area_fraction": line.get("area_fraction")}
         cells[model, line["method"], dataset].append({**entry, "correct": line["crop_correct"]})
         if (model, dataset, entry["id"]) not in originals:
@@ -100,13 +130,14 @@ def _rows(cells) -> list[tuple[str, str]]:
     return sorted({(model, method) for model, method, _ in cells}, key=lambda row: _row_key(*row))
 
 
-def accuracy_table(cells, datasets: list[str]) -> Table:
-    rows = [[model, method] + [_percent(cells.get((model, method, d), [])) for d in datasets]
+def accuracy_table(cells, datasets: list[str], names: dict[str, str], metrics: dict[str, str]) -> Table:
+    rows = [[names[model], method] + [_percent(cells.get((model, method, d), [])) for d in datasets]
             for model, method in _rows(cells)]
-    return Table("accuracy (%)", ["model", "method"] + datasets, rows)
+    headers = [f"{d} ({metrics[d]})" if metrics[d] else d for d in datasets]
+    return Table("accuracy (%)", ["model", "method"] + headers, rows)
 
 
-def size_table(cells, dataset: str) -> Table | None:
+def size_table(cells, dataset: str, model_names: dict[str, str], metric: str) -> Table | None:
     """Accuracy per size band and tercile of one dataset, or None when its records carry no boxes."""
     fractions = {e["id"]: e["area_fraction"] for (_, _, d), entries in cells.items() if d == dataset
                  for e in entries if e["area_fraction"] is not None}
@@ -124,21 +155,22 @@ def size_table(cells, dataset: str) -> Table | None:
         entries = [e for e in cells.get((model, method, dataset), []) if e["id"] in parts]
         if entries:
             cells_of = lambda name: _percent([e for e in entries if name in parts[e["id"]]])
-            rows.append([model, method] + [cells_of(name) for name in names])
-    return Table(f"{dataset}: accuracy (%) by ground-truth box area / image area "
-                 "(paper bands: small < 0.005 <= medium < 0.05 <= large; terciles)", ["model", "method"] + headers, rows)
+            rows.append([model_names[model], method] + [cells_of(name) for name in names])
+    title = f"{dataset}: accuracy (%{', ' + metric if metric else ''}) by ground-truth box area / image area "
+    title += "(paper bands: small < 0.005 <= medium < 0.05 <= large; terciles)"
+    return Table(title, ["model", "method"] + headers, rows)
 
 
-def notes(lines: list[dict], cells, dropped: int) -> list[str]:
+def notes(lines: list[dict], cells, dropped: int, names: dict[str, str]) -> list[str]:
     """What the tables leave out: failed records, incomplete cells, duplicates."""
     found = []
-    failed = Counter((model_name(line["model"]), line["method"], line["dataset"])
+    failed = Counter((names[line["model"]], line["method"], line["dataset"])
                      for line in lines if line.get("error") is not None)
     found += [f"{n} failed record(s) left out: {' '.join(key)}" for key, n in sorted(failed.items())]
     most = Counter()
     for (model, _, dataset), entries in cells.items():
         most[model, dataset] = max(most[model, dataset], len(entries))
-    found += [f"{model} {method} {dataset} covers {len(entries)} of {most[model, dataset]} records"
+    found += [f"{names[model]} {method} {dataset} covers {len(entries)} of {most[model, dataset]} records"
               for (model, method, dataset), entries in sorted(cells.items()) if len(entries) < most[model, dataset]]
     if dropped:
         found.append(f"{dropped} duplicate line(s) dropped")
@@ -171,9 +203,13 @@ def score(paths: Sequence[str | Path], fmt: str = "text", stdout: TextIO | None 
         raise ValueError(f"no result lines in {', '.join(map(str, paths))}")
     cells = scored_rows(lines)
     datasets = list(dict.fromkeys(line["dataset"] for line in lines))
-    tables = [accuracy_table(cells, datasets)] + [t for t in (size_table(cells, d) for d in datasets) if t]
+    names = short_names(list(dict.fromkeys(line["model"] for line in lines)))
+    metrics = {d: "/".join(sorted({line["metric"] for line in lines if line["dataset"] == d and line.get("metric")}))
+               for d in datasets}
+    tables = [accuracy_table(cells, datasets, names, metrics)]
+    tables += [t for t in (size_table(cells, d, names, metrics[d]) for d in datasets) if t]
     print("\n".join(render(table, fmt) for table in tables), end="", file=stdout)
-    remarks = [f"note: {note}" for note in notes(lines, cells, dropped)]
+    remarks = [f"note: {note}" for note in notes(lines, cells, dropped, names)]
     if remarks:
         print("\n".join(remarks), file=stderr if fmt == "csv" else stdout)
     return 0

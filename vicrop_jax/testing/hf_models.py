@@ -18,11 +18,13 @@ from transformers import (
     CLIPVisionConfig,
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
+    InstructBlipProcessor,
     InstructBlipQFormerConfig,
     InstructBlipVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
@@ -65,8 +67,8 @@ def llava_config(
     vision_width: int = 32,
 ) -> LlavaConfig:
     vision = CLIPVisionConfig(
-        hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=vision_layers, num_attention_heads=4,
-        image_size=image_size, patch_size=14, projection_dim=16,
+        hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=vision_layers,
+        num_attention_heads=4, image_size=image_size, patch_size=14, projection_dim=16,
     )
     text = LlamaConfig(
         hidden_size=width, intermediate_size=2 * width, num_hidden_layers=text_layers, num_attention_heads=num_heads,
@@ -81,19 +83,39 @@ def llava_config(
     )
 
 
-def save_llava(folder: Path, config: LlavaConfig, seed: int = 0, max_shard_size: str | None = None):
+PROCESSOR_LAYOUTS = ("image_processor", "processor", "both")
+
+
+def _save_processor(folder: Path, image_processor, tokenizers: dict, processor_class, layout: str, **options):
+    """What transformers writes for the processor: `image_processor` (preprocessor_config.json, as every checkpoint
+    published before transformers 5), `processor` (processor_config.json with the image processor nested, as
+    `processor.save_pretrained` writes in transformers 5) or `both`."""
+    if layout not in PROCESSOR_LAYOUTS:
+        raise ValueError(f"layout must be one of {PROCESSOR_LAYOUTS}, got {layout!r}")
+    if layout in ("processor", "both"):
+        processor_class(image_processor=image_processor, **tokenizers, **options).save_pretrained(folder)
+    if layout in ("image_processor", "both"):
+        image_processor.save_pretrained(folder)
+        for name, tokenizer in tokenizers.items():
+            tokenizer.save_pretrained(folder if name == "tokenizer" else folder / name)
+
+
+def save_llava(folder: Path, config: LlavaConfig, seed: int = 0, max_shard_size: str | None = None,
+               layout: str = "image_processor"):
     """Random-weight LLaVA saved as a HF checkpoint; returns the eager float32 torch model."""
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
     model = LlavaForConditionalGeneration(config).eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
-    make_tokenizer(config.text_config.vocab_size).save_pretrained(folder)
     size = config.vision_config.image_size
-    CLIPImageProcessor(
+    image_processor = CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         image_mean=CLIP_MEAN, image_std=CLIP_STD,
-    ).save_pretrained(folder)
+    )
+    _save_processor(folder, image_processor, {"tokenizer": make_tokenizer(config.text_config.vocab_size)},
+                    LlavaProcessor, layout, patch_size=config.vision_config.patch_size,
+                    vision_feature_select_strategy=config.vision_feature_select_strategy)
     return model
 
 
@@ -138,7 +160,7 @@ def instructblip_config(*, image_size: int = 28, num_query_tokens: int = 4, num_
     )
 
 
-def save_instructblip(folder: Path, config, seed: int = 0):
+def save_instructblip(folder: Path, config, seed: int = 0, layout: str = "image_processor"):
     """Random-weight InstructBLIP-Vicuna with both tokenizers and the BLIP processor config."""
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
@@ -146,10 +168,10 @@ def save_instructblip(folder: Path, config, seed: int = 0):
     with torch.no_grad():  # transformers initialises the queries to zero; random ones make tests sharper
         model.query_tokens.normal_()
     model.save_pretrained(folder)
-    make_tokenizer(config.text_config.vocab_size).save_pretrained(folder)
-    make_qformer_tokenizer(config.qformer_config.vocab_size).save_pretrained(folder / "qformer_tokenizer")
     size = config.vision_config.image_size
-    BlipImageProcessor(
-        size={"height": size, "width": size}, image_mean=BLIP_MEAN, image_std=BLIP_STD
-    ).save_pretrained(folder)
+    image_processor = BlipImageProcessor(size={"height": size, "width": size}, image_mean=BLIP_MEAN, image_std=BLIP_STD)
+    tokenizers = {"tokenizer": make_tokenizer(config.text_config.vocab_size),
+                  "qformer_tokenizer": make_qformer_tokenizer(config.qformer_config.vocab_size)}
+    _save_processor(folder, image_processor, tokenizers, InstructBlipProcessor, layout,
+                    num_query_tokens=config.num_query_tokens)
     return model

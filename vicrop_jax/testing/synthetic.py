@@ -127,7 +127,7 @@ def make_record(seed: int, index: int, image_sides: tuple[int, int] = IMAGE_SIDE
 
 
 def write_dataset(folder: str | Path, seed: int, count: int) -> Path:
-    """Images (PNG) and a SPEC section 7 JSON list (`data.json`) of records 0..count-1 of `seed`."""
+    """Images (PNG) and a docs/method.md (Data) JSON list (`data.json`) of records 0..count-1 of `seed`."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     entries = []

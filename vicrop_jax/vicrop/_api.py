@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import PIL.Image
 
-from vicrop_jax._generation import ImageLike, generate_ids, pixel_values, prompt_inputs
+from vicrop_jax._generation import ImageLike, check_prompt, generate_ids, pixel_values, prompt_inputs, prompt_problem
 from vicrop_jax._loading import Model
 from vicrop_jax.nn.decoding import strip_generated
 from vicrop_jax.preprocessing import load_image
@@ -42,6 +42,35 @@ class Answer:
     bbox: tuple[int, int, int, int] | None  # (left, top, right, bottom) in original pixels
     importance: np.ndarray | None  # the map [grid_h, grid_w] for map methods
     timings: dict[str, float]
+
+
+class BatchError(ValueError):
+    """Some records of `answer_batch` could not be answered; the others were. `answers` holds an Answer per record
+    (None where it failed), `failures` the position and reason of each failed one."""
+
+    def __init__(self, answers: list[Answer | None], failures: list[tuple[int, str]]):
+        self.answers, self.failures = answers, failures
+        listed = "; ".join(f"record {i}: {why}" for i, why in failures[:10])
+        more = f" and {len(failures) - 10} more" if len(failures) > 10 else ""
+        super().__init__(f"{len(failures)} of {len(answers)} record(s) failed ({listed}{more}); the others were "
+                         "answered: see .answers")
+
+
+def question_problem(model: Model, question: str, max_new_tokens: int, short_question: str | None = None) -> str | None:
+    """Why a question cannot be asked (empty; its prompts with the crops, or the map's, too long), or None."""
+    if not question.strip():
+        return "empty question"
+    for text, images in ((question, 1 + NUM_CROPS), (short_question or question, 1)):
+        problem = prompt_problem(model, model.family.prompt(text, images), images, max_new_tokens)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _check_question(model: Model, question: str, max_new_tokens: int, short_question: str | None = None) -> None:
+    problem = question_problem(model, question, max_new_tokens, short_question)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def base_size(model: Model) -> int:
@@ -127,6 +156,9 @@ def importance_map(model: Model, image: ImageLike, question: str, method: str | 
     1024 px are tiled and the tile maps stitched.
     """
     method = _map_method(model, method, options)
+    if not question.strip():
+        raise ValueError("empty question")
+    check_prompt(model, model.family.prompt(question), 1, 0)
     image = load_image(image)
     if high_res and max(image.size) > HIGH_RES_THRESHOLD:
         return _high_res_map(model, image, question, method)
@@ -152,6 +184,7 @@ def answer(model: Model, image: ImageLike, question: str, method: str | Strategy
     map only. `device_pipeline=False` runs the host path.
     """
     strategy = resolve_method(model, method, **options)
+    _check_question(model, question, max_new_tokens, short_question)
     start = time.perf_counter()
     image = load_image(image)
     if isinstance(strategy, NoCrop):
@@ -169,7 +202,7 @@ def answer(model: Model, image: ImageLike, question: str, method: str | Strategy
                                      method=strategy, max_new_tokens=max_new_tokens,
                                      reuse_question_pass=short_question is None)
             return Answer(_decode(model, out.answers.with_crops), _decode(model, out.answers.original),
-                          _box(out.boxes[0]), np.asarray(out.importance), {"total": time.perf_counter() - start})
+                          _box(np.asarray(out.boxes)[0]), np.asarray(out.importance), {"total": time.perf_counter() - start})
         importance = importance_map(model, image, map_question, strategy, high_res=high_res)
         box = select_bbox(importance, image.size, base_size(model))
     elif isinstance(strategy, FixedCrop):
@@ -233,40 +266,67 @@ def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[
                  high_res: bool = False, seed: int = 0, **options) -> list[Answer]:
     """`answer` for many (image, question) pairs: map methods run as one vmapped program per batch.
 
-    Each batch is padded to `batch_size` records (the last by repeating its final record), images to one
-    size bucket and prompts to one length bucket, so a run compiles once per bucket. Baselines and
-    high-resolution tiling run record by record.
+    A batch of fewer than `batch_size` records is padded to the next power of two (by repeating its last record),
+    images to one size bucket and prompts to one length bucket, so a run compiles once per bucket. Baselines and
+    high-resolution tiling run record by record. A record that cannot run (an unreadable image, an empty or too
+    long question) does not stop the others: they are answered, then `BatchError` lists the failures and holds
+    every answer.
     """
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions: pass one image per question")
     strategy = resolve_method(model, method, **options)
     short_questions = list(short_questions) if short_questions is not None else [None] * len(questions)
+    boxes = list(bboxes) if bboxes is not None else [None] * len(questions)
+    answers: list[Answer | None] = [None] * len(questions)
+    failures: list[tuple[int, str]] = []
+    ready = []
+    for i, (image, question, short) in enumerate(zip(images, questions, short_questions)):
+        problem = question_problem(model, question, max_new_tokens, short)
+        if problem is None:
+            try:
+                ready.append((i, load_image(image), question, short))
+            except Exception as error:  # a missing or unreadable file: that record's failure alone
+                problem = f"unreadable image: {error}"
+        if problem is not None:
+            failures.append((i, problem))
     if not isinstance(strategy, MapMethod) or high_res:
-        boxes = list(bboxes) if bboxes is not None else [None] * len(questions)
-        return [
-            answer(model, image, question, strategy, short_question=short, high_res=high_res, bbox=box,
-                   seed=seed + i, max_new_tokens=max_new_tokens)
-            for i, (image, question, short, box) in enumerate(zip(images, questions, short_questions, boxes))
-        ]
-    results: list[Answer] = []
-    for begin in range(0, len(questions), batch_size):
-        chunk = slice(begin, begin + batch_size)
-        map_questions = [s or q for s, q in zip(short_questions[chunk], questions[chunk])]
-        results.extend(run_padded_batch(model, [load_image(image) for image in images[chunk]],
-                                        list(questions[chunk]), map_questions, strategy, max_new_tokens, batch_size))
-    return results
+        for i, image, question, short in ready:
+            try:
+                answers[i] = answer(model, image, question, strategy, short_question=short, high_res=high_res,
+                                    bbox=boxes[i], seed=seed + i, max_new_tokens=max_new_tokens)
+            except ValueError as error:  # e.g. method gt without a box
+                failures.append((i, str(error)))
+    else:
+        for begin in range(0, len(ready), batch_size):
+            chunk = ready[begin: begin + batch_size]
+            results = run_padded_batch(model, [c[1] for c in chunk], [c[2] for c in chunk],
+                                       [c[3] or c[2] for c in chunk], strategy, max_new_tokens, batch_size)
+            for (i, *_), result in zip(chunk, results):
+                answers[i] = result
+    if failures:
+        raise BatchError(answers, sorted(failures))
+    return answers
+
+
+def padded_batch_size(count: int, batch_size: int, devices: int = 1) -> int:
+    """The records a batch of `count` runs as: the next power of two (a few compiled shapes, no work beyond
+    twice the records), a multiple of the devices, at most `batch_size`."""
+    power = 1 << max(0, count - 1).bit_length()
+    return max(count, min(batch_size, -(-power // devices) * devices))
 
 
 def run_padded_batch(model: Model, images: list[PIL.Image.Image], questions: list[str], map_questions: list[str],
                      method: MapMethod, max_new_tokens: int, batch_size: int,
                      mesh: jax.sharding.Mesh | None = None) -> list[Answer]:
-    """One vmapped pipeline call for up to `batch_size` records, padded by repeating the last one.
+    """One vmapped pipeline call for up to `batch_size` records, padded by repeating the last one to
+    `padded_batch_size`.
 
     With a mesh (axis "data"), the batch is split over its devices; the model's parameters are used where they
     are (replicate them over the mesh once per run, as `vicrop-jax eval` does).
     """
     start = time.perf_counter()
-    count, fill = len(questions), batch_size - len(questions)
+    count = len(questions)
+    fill = padded_batch_size(count, batch_size, 1 if mesh is None else mesh.size) - count
     records = batch_inputs(model, images + images[-1:] * fill, questions + questions[-1:] * fill,
                            map_questions + map_questions[-1:] * fill, method)
     if mesh is not None:
@@ -275,9 +335,10 @@ def run_padded_batch(model: Model, images: list[PIL.Image.Image], questions: lis
         static_model(model), model.params, *records, method=method, max_new_tokens=max_new_tokens,
         reuse_question_pass=map_questions == questions,
     ))
-    elapsed = (time.perf_counter() - start) / count
+    elapsed = time.perf_counter() - start
+    timings = {"total": elapsed / count, "batch": elapsed, "batch_records": count}  # this record's share, the batch
     return [
         Answer(_decode(model, out.answers.with_crops[i]), _decode(model, out.answers.original[i]),
-               _box(out.boxes[i, 0]), out.importance[i], {"total": elapsed})
+               _box(out.boxes[i, 0]), out.importance[i], dict(timings))
         for i in range(count)
     ]

@@ -1,8 +1,9 @@
 """Where to crop: ViCrop's box selection, high-resolution tiling, baseline boxes, and a device crop-resize.
 
-`select_bbox` (numpy, on the host) is SPEC section 3 as the published code computes it; `select_bbox_jax` is the
-same selection with fixed shapes, so that it jits, vmaps, and takes the image size as a traced value. The two
-return the same box for every input (finite float32 maps), by construction rather than by tolerance:
+`select_bbox` (numpy, on the host) is docs/method.md (Box selection) as the published code computes it;
+`select_bbox_jax` is the same selection with fixed shapes, so that it jits, vmaps, and takes the image size as a
+traced value. The two return the same box for every input (finite float32 maps), by construction rather than by
+tolerance:
 
 - Window sums: numpy's float32 `.sum()` of a window slice, which the published code takes on its float32 maps, is
   a pairwise sum over the window's cells in row-major order (`_pairwise_sum`; numpy 1.26 to 2.4 alike). Both
@@ -86,7 +87,7 @@ def _half(base_size: int, ratio: float) -> int:
 
 
 def select_bbox(importance: np.ndarray, image_size: tuple[int, int], base_size: int) -> Box:
-    """The crop box for an importance map over the image (SPEC section 3, paper-exact).
+    """The crop box for an importance map over the image (docs/method.md (Box selection), paper-exact).
 
     Tries windows of B*r pixels for r in RATIOS, keeps for each the cell position with the largest sum (first in
     x-major order), and picks the r whose maximum stands out most from its neighbours (first on ties). Returns the
@@ -377,7 +378,8 @@ def crop_and_resize_jax(
     The number of input pixels an output reads grows with the downscale factor, and a static count must cover
     the whole image. Boxes of at most `NARROW_BOX_SCALE` times out_size (every box the maps select but the whole
     image) are resized from a window of that size around them, with few taps (vicrop-tiny's 112-px crop of a
-    768-px image: 10 taps instead of 28 per axis); the values agree with the whole image's to float32 rounding. With a batched box (vmap) both ways are computed.
+    768-px image: 10 taps instead of 28 per axis); the values agree with the whole image's to float32 rounding.
+    With a batched box (vmap) both ways are computed.
     """
     out_h, out_w = out_size
     image = jnp.asarray(image)
@@ -418,13 +420,13 @@ def _crop_resize(image: jax.Array, left, top, right, bottom, out_size: tuple[int
 
 
 def tile_grid(image_size: tuple[int, int], max_tile: int = MAX_TILE) -> tuple[int, int, int, int]:
-    """(rows, cols, tile_w, tile_h) of the published high-resolution split (SPEC section 4).
+    """(rows, cols, tile_w, tile_h) of the published high-resolution split (docs/method.md (High-resolution images)).
 
     rows = ceil(H/max_tile) and cols = int(rows*W/H), so tiles are about square with a height of at most max_tile;
     a tile can be wider than max_tile (up to about twice). cols is at least 1: the published code gives 0 for
     images taller than `rows` times their width. Integer arithmetic; it equals the published float expressions.
-    Which images to tile is the caller's choice: SPEC tiles sides over 1024, the published `*_high` methods tile
-    every image (a small one gives rows = 1).
+    Which images to tile is the caller's choice: docs/method.md tiles sides over 1024, the published `*_high`
+    methods tile every image (a small one gives rows = 1).
     """
     width, height = _as_size(image_size)
     if operator.index(max_tile) <= 0:
