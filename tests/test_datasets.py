@@ -65,7 +65,7 @@ def test_malformed_records_are_all_named_with_field_and_expectation(tmp_path):
     assert ("record [1] (id 'q2'): field 'labels': expected a string or a non-empty list of strings, got nothing"
             in message)
     assert "record [2] (id 'q3'): field 'labels'" in message and "got []" in message
-    assert "record [3] (id 'q4'): field 'bbox': expected [x1, y1, x2, y2] numbers with x1 < x2" in message
+    assert "record [3] (id 'q4'): field 'bbox': expected [x1, y1, x2, y2] finite numbers with x1 < x2" in message
     assert "record [4]: field 'id': expected a string or an integer, got true" in message
     assert "record [5] (id 'q6'): field 'question': expected a string, got 5" in message
     assert "record [6]: field '(record)': expected a JSON object" in message

@@ -67,6 +67,7 @@ def test_embedded_model_loads_by_name_and_fits_the_wheel(model):
     assert model.family is LLAVA and model.config.image_size == 112 and model.path == folder
 
 
+@pytest.mark.slow
 def test_embedded_model_matches_transformers(model):
     record = make_record(HELD_OUT_SEED, 0)
     ids = np.array([prompt_ids(model, llava_prompt(record.question), 1)])
@@ -83,6 +84,7 @@ def test_embedded_model_matches_transformers(model):
     assert text == model.tokenizer.decode(generated.tolist())
 
 
+@pytest.mark.slow
 def test_embedded_model_reads_large_shapes_and_vicrop_recovers_small_ones(model):
     records = [make_record(HELD_OUT_SEED, i) for i in range(48)]
     answers = vicrop_jax.answer_batch(model, [r.image for r in records], [r.question for r in records], "rel_att")
@@ -124,6 +126,7 @@ def test_attention_ratio_of_maps_without_mass_outside_the_box_or_at_all():
         attention_ratio(np.zeros((8, 8)), (0, 0, 10, 10), (80, 80))
 
 
+@pytest.mark.slow
 def test_training_script_writes_a_checkpoint_that_loads_and_differs_from_its_start(tmp_path):
     out = tmp_path / "trained"
     result = subprocess.run(
@@ -142,6 +145,7 @@ def test_training_script_writes_a_checkpoint_that_loads_and_differs_from_its_sta
                            start["multi_modal_projector"]["linear_1"]["kernel"])
 
 
+@pytest.mark.slow
 def test_evaluation_script_reports_terciles_methods_and_attention_ratios(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "benchmarks.synthetic.evaluate", "--count", "6", "--out", str(tmp_path),

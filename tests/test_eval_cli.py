@@ -99,6 +99,7 @@ def test_the_runner_answers_as_answer_batch_does(checkpoint, benchmark, referenc
         (line["original_answer"], line["crop_answer"], line["bbox"]) for line in reference[:4]]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_uninterrupted_results(checkpoint, benchmark, reference, tmp_path):
     out = tmp_path / "results.jsonl"
     stderr = tmp_path / "stderr.txt"
@@ -124,6 +125,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_results(checkpoint, benchmark
     assert len(read_lines(out)) == RECORDS
 
 
+@pytest.mark.slow
 def test_eight_devices_give_the_results_of_one(checkpoint, benchmark, reference, tmp_path):
     out = tmp_path / "results.jsonl"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -160,6 +162,7 @@ def bad_inputs(folder: Path) -> Path:
     return data
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_alone_and_the_exit_status_says_so(checkpoint, tmp_path, capsys):
     data = bad_inputs(tmp_path)
     out = tmp_path / "results.jsonl"

@@ -14,6 +14,8 @@ from vicrop_jax.families import LLAVA, LlavaFamily
 from vicrop_jax.testing.hf_models import llava_config, noise_image as scene, save_llava
 from vicrop_jax.vicrop.methods import resolve_method
 
+pytestmark = pytest.mark.slow
+
 QUESTIONS = ["What is the color of the small shape ?", "What shape is on the left ?", "how many ?"]
 
 

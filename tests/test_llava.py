@@ -53,6 +53,7 @@ def reference_forward(reference, ids, pixels, **kwargs):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_images", [1, 2])
 def test_logits_and_sown_attention_match_transformers(pair, num_images):
     model, reference = pair
@@ -70,6 +71,7 @@ def test_logits_and_sown_attention_match_transformers(pair, num_images):
     np.testing.assert_allclose(np.asarray(sown[0]), expected.attentions[layer].numpy(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_images", [1, 2])
 def test_greedy_generation_is_token_identical(pair, num_images):
     model, reference = pair
@@ -85,6 +87,7 @@ def test_greedy_generation_is_token_identical(pair, num_images):
     assert ours == theirs
 
 
+@pytest.mark.slow
 def test_answers_decoded_together_stop_at_their_own_eos(pair):
     """Prompts of different lengths share one decoding loop; each answer is what it is decoded alone, up to
     and including its own EOS, and padding after it, while the other goes on."""
@@ -124,6 +127,7 @@ def test_marker_count_must_match_images(pair):
         prompt_ids(model, llava_prompt(QUESTION, 1), 2)
 
 
+@pytest.mark.slow
 def test_cached_step_decoding_equals_full_forward(pair):
     """Prefill of a prefix plus one-token steps reproduces the full forward's logits."""
     model, _ = pair
@@ -171,6 +175,7 @@ def test_attention_gradient_matches_torch(pair):
     assert np.abs(np.asarray(grads[0]) - expected.numpy()).max() <= 1e-4 * scale
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pair", ["gqa-layer-1"], indirect=True)  # grouped heads, three layers each
 def test_head_by_head_attention_matches_transformers(pair, monkeypatch):
     """Long prompts run attention one head at a time (CLIP and LLaMA, `_attention.py`): logits, greedy tokens
@@ -218,6 +223,7 @@ def test_generate_api_with_pil_images_and_paths(pair, tmp_path):
     assert isinstance(text, str)
 
 
+@pytest.mark.slow
 def test_bfloat16_within_bfloat16_precision(pair):
     """bfloat16 cannot be token-identical on random tiny models: their top logits are often closer than
     bf16 rounding (~0.4% per op, a few 1e-1 on these logits after a few layers). We assert instead that

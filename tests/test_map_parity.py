@@ -17,6 +17,8 @@ from vicrop_jax.testing.hf_models import instructblip_config, llava_config, save
 
 from benchmarks import torch_reference
 
+pytestmark = pytest.mark.slow
+
 QUESTION = "What is the color of the small shape ?"
 
 

@@ -190,6 +190,7 @@ def parity():
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_sharded_model_matches_the_unsharded_one_on_8_devices(parity, kind):
     """Same logits and maps up to float32 summation order (all-reduced partial sums), same texts and box."""

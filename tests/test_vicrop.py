@@ -25,6 +25,7 @@ def model(tiny_model):
     return tiny_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_device_and_host_paths_agree(model, method):
     image = scene()
@@ -60,6 +61,7 @@ def test_a_new_question_reuses_the_compiled_pipeline(model):
     assert _pipeline.compiled_programs() == compiled
 
 
+@pytest.mark.slow
 def test_answer_batch_equals_one_by_one(model):
     images = [scene(), scene(90, 120, seed=1), scene(seed=2)]
     questions = [QUESTION, "What shape is on the left ?", "how many ?"]
@@ -72,6 +74,7 @@ def test_answer_batch_equals_one_by_one(model):
         np.testing.assert_allclose(result.importance, single.importance, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["none", "gt", "random", "center"])
 def test_baselines(model, method):
     image = scene(400, 300)
@@ -88,6 +91,7 @@ def test_baselines(model, method):
         assert x1 <= 200 and y1 <= 150 and x2 >= 210 and y2 >= 160
 
 
+@pytest.mark.slow
 def test_short_question_drives_the_map_only(model):
     image = scene()
     long_question = QUESTION + " Options : red green"
@@ -97,6 +101,7 @@ def test_short_question_drives_the_map_only(model):
     assert with_short.original_answer == vicrop_jax.answer(model, image, long_question, "none").answer
 
 
+@pytest.mark.slow
 def test_high_resolution_tiles_are_stitched(model):
     image = scene(2100, 700)
     grid = model.config.vision.image_size // model.config.vision.patch_size
@@ -142,6 +147,7 @@ def test_head_subsets_change_the_map(model):
     assert not np.allclose(every, first)
 
 
+@pytest.mark.slow
 def test_viz_writes_an_overlay_png(model, tmp_path):
     image = scene(300, 200)
     result = vicrop_jax.answer(model, image, QUESTION, "rel_att", layer=1)
@@ -152,6 +158,7 @@ def test_viz_writes_an_overlay_png(model, tmp_path):
     assert np.asarray(picture)[y1, (x1 + x2) // 2].tolist() == [255, 0, 0]  # the box's top edge is drawn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_prefix_cached_maps_equal_whole_prompt_maps(model, method):
     """LLaVA's maps from the shared prefix cache equal the maps of full forwards over whole prompts."""
@@ -164,6 +171,7 @@ def test_prefix_cached_maps_equal_whole_prompt_maps(model, method):
     np.testing.assert_allclose(cached, np.asarray(whole), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_pure_grad_backward_keeps_each_layers_input_only(tmp_path):
     """Pure-grad's compiled map needs, per extra layer, memory for a few [tokens, width] arrays (its input, its
     cache and that cache's cotangent), not for every activation of the layer: layers are recomputed in the
@@ -198,6 +206,7 @@ def test_bad_questions_are_refused_by_the_api_with_the_cli_messages(model):
             call()
 
 
+@pytest.mark.slow
 def test_answer_batch_answers_the_others_when_a_record_fails(model, tmp_path):
     images = [scene(), tmp_path / "missing.png", scene(seed=2)]
     with pytest.raises(_vicrop.BatchError, match=r"1 of 3 record\(s\) failed \(record 1: unreadable image") as caught:
@@ -210,7 +219,9 @@ def test_answer_batch_answers_the_others_when_a_record_fails(model, tmp_path):
             single.bbox, single.answer, single.original_answer)
 
 
-def test_batches_are_padded_to_a_power_of_two_not_to_the_batch_size():
-    assert [_vicrop.padded_batch_size(count, 8) for count in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
-    assert _vicrop.padded_batch_size(3, 1000) == 4
-    assert _vicrop.padded_batch_size(3, 8, devices=8) == 8 and _vicrop.padded_batch_size(9, 16, devices=8) == 16
+def test_batches_are_padded_only_to_the_devices_and_large_images_run_alone():
+    assert [_vicrop.padded_batch_size(count) for count in (1, 3, 8)] == [1, 3, 8]
+    assert _vicrop.padded_batch_size(3, devices=8) == 8 and _vicrop.padded_batch_size(9, devices=8) == 16
+    small, large = Image.new("RGB", (640, 480)), Image.new("RGB", (5000, 4000))
+    assert _vicrop.image_groups([small, large, small, large]) == [[0, 2], [1], [3]]
+    assert _vicrop.image_groups([large]) == [[0]]

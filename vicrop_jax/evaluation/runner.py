@@ -15,7 +15,8 @@ is a second process writing the same file while the first holds its lock.
 
 Failures stay per record: an empty or too long question, a missing or unreadable image, an image path that
 leaves the image folder or a box outside the image is found on the host before batching and gets an `error`;
-if a batch still raises, its records are retried one by one, so only the bad one gets the error. Exit status: 0 all answered, 1 some records failed, 2 bad usage/input.
+if a batch still raises, its records are retried one by one, so only the bad one gets the error. Exit status:
+0 all answered, 1 some records failed, 2 bad usage or input (also an unwritable --out or a full disk).
 
 Several GPUs on one host: nothing to do. With N local devices, the batch is rounded up to a multiple of
 N and every batch array is placed with `NamedSharding(Mesh(local devices, ("data",)), P("data"))`, the
@@ -231,8 +232,8 @@ def run_strategy(settings: EvalSettings) -> Strategy:
 
 
 def batch_answer_fn(model: Model, strategy: Strategy, settings: EvalSettings, mesh: Mesh | None, batch_size: int):
-    """Map methods: `answer_batch`'s vmapped program, sharded over `mesh`, batches padded to `batch_size`
-    (one compile per bucket, retries included). Others: `answer` per record, seeded by dataset position."""
+    """Map methods: `answer_batch`'s vmapped program, sharded over `mesh`, one compile per bucket and batch
+    size (the last batch's and a retry's too). Others: `answer` per record, seeded by dataset position."""
     strategy = resolve_method(model, strategy)
     if not isinstance(strategy, MapMethod) or settings.high_res:
         return lambda prepared: [

@@ -33,6 +33,7 @@ from vicrop_jax.vicrop.methods import FixedCrop, MapMethod, NoCrop, Strategy, re
 HIGH_RES_THRESHOLD = 1024
 IMAGE_BUCKET = 256
 NUM_CROPS = 1  # the paper's: one crop per question
+LARGE_IMAGE_PIXELS = 4096 * 4096  # an image above this runs in a batch of its own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +203,8 @@ def answer(model: Model, image: ImageLike, question: str, method: str | Strategy
                                      method=strategy, max_new_tokens=max_new_tokens,
                                      reuse_question_pass=short_question is None)
             return Answer(_decode(model, out.answers.with_crops), _decode(model, out.answers.original),
-                          _box(np.asarray(out.boxes)[0]), np.asarray(out.importance), {"total": time.perf_counter() - start})
+                          _box(np.asarray(out.boxes)[0]), np.asarray(out.importance),
+                          {"total": time.perf_counter() - start})
         importance = importance_map(model, image, map_question, strategy, high_res=high_res)
         box = select_bbox(importance, image.size, base_size(model))
     elif isinstance(strategy, FixedCrop):
@@ -266,8 +268,8 @@ def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[
                  high_res: bool = False, seed: int = 0, **options) -> list[Answer]:
     """`answer` for many (image, question) pairs: map methods run as one vmapped program per batch.
 
-    A batch of fewer than `batch_size` records is padded to the next power of two (by repeating its last record),
-    images to one size bucket and prompts to one length bucket, so a run compiles once per bucket. Baselines and
+    Images are padded to one size bucket and prompts to one length bucket, so a run compiles once per bucket and
+    batch size (a short last batch is not padded, a very large image runs alone). Baselines and
     high-resolution tiling run record by record. A record that cannot run (an unreadable image, an empty or too
     long question) does not stop the others: they are answered, then `BatchError` lists the failures and holds
     every answer.
@@ -308,25 +310,43 @@ def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[
     return answers
 
 
-def padded_batch_size(count: int, batch_size: int, devices: int = 1) -> int:
-    """The records a batch of `count` runs as: the next power of two (a few compiled shapes, no work beyond
-    twice the records), a multiple of the devices, at most `batch_size`."""
-    power = 1 << max(0, count - 1).bit_length()
-    return max(count, min(batch_size, -(-power // devices) * devices))
+def padded_batch_size(count: int, devices: int = 1) -> int:
+    """The records a batch of `count` runs as: `count`, rounded up to a multiple of the devices."""
+    return -(-count // devices) * devices
+
+
+def image_groups(images: Sequence[PIL.Image.Image]) -> list[list[int]]:
+    """Positions of a batch's images that run together: all but the very large ones, which run alone, so that
+    one large image does not pad every other image of its batch to its size."""
+    large = [i for i, image in enumerate(images) if image.width * image.height > LARGE_IMAGE_PIXELS]
+    rest = [i for i in range(len(images)) if i not in large]
+    return ([rest] if rest else []) + [[i] for i in large]
 
 
 def run_padded_batch(model: Model, images: list[PIL.Image.Image], questions: list[str], map_questions: list[str],
                      method: MapMethod, max_new_tokens: int, batch_size: int,
                      mesh: jax.sharding.Mesh | None = None) -> list[Answer]:
-    """One vmapped pipeline call for up to `batch_size` records, padded by repeating the last one to
-    `padded_batch_size`.
+    """Vmapped pipeline calls for up to `batch_size` records: one for the images of ordinary size, one per very
+    large image (`image_groups`), each padded only to a multiple of the mesh's devices.
 
-    With a mesh (axis "data"), the batch is split over its devices; the model's parameters are used where they
+    With a mesh (axis "data"), a batch is split over its devices; the model's parameters are used where they
     are (replicate them over the mesh once per run, as `vicrop-jax eval` does).
     """
+    if len(questions) > batch_size:
+        raise ValueError(f"{len(questions)} records for a batch of {batch_size}")
+    answers: list[Answer | None] = [None] * len(questions)
+    for group in image_groups(images):
+        for i, result in zip(group, _run_group(model, [images[i] for i in group], [questions[i] for i in group],
+                                               [map_questions[i] for i in group], method, max_new_tokens, mesh)):
+            answers[i] = result
+    return answers
+
+
+def _run_group(model: Model, images: list[PIL.Image.Image], questions: list[str], map_questions: list[str],
+               method: MapMethod, max_new_tokens: int, mesh: jax.sharding.Mesh | None) -> list[Answer]:
     start = time.perf_counter()
     count = len(questions)
-    fill = padded_batch_size(count, batch_size, 1 if mesh is None else mesh.size) - count
+    fill = padded_batch_size(count, 1 if mesh is None else mesh.size) - count
     records = batch_inputs(model, images + images[-1:] * fill, questions + questions[-1:] * fill,
                            map_questions + map_questions[-1:] * fill, method)
     if mesh is not None:
