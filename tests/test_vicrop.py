@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 import vicrop_jax
-from vicrop_jax._generation import pixel_values
+from vicrop_jax._generation import generate_ids, pixel_values, prompt_inputs
+from vicrop_jax.nn.decoding import strip_generated
 from vicrop_jax.families import INSTRUCTBLIP, LLAVA
 from vicrop_jax.vicrop import _api as _vicrop, _pipeline
 from vicrop_jax.vicrop.boxes import tile_grid
@@ -225,3 +226,19 @@ def test_batches_are_padded_only_to_the_devices_and_large_images_run_alone():
     small, large = Image.new("RGB", (640, 480)), Image.new("RGB", (5000, 4000))
     assert _vicrop.image_groups([small, large, small, large]) == [[0, 2], [1], [3]]
     assert _vicrop.image_groups([large]) == [[0]]
+
+
+def test_the_answer_step_takes_any_number_of_crops(model):
+    """Two crop boxes: the device program's answer equals `generate` over the original and the same two crops."""
+    image = scene(300, 200)
+    boxes = np.array([[40, 30, 152, 142], [150, 60, 262, 172]], np.int32)
+    crop = _vicrop.crop_inputs(model, image, QUESTION, num_crops=2)
+    pixels = pixel_values(model, [image])[0]
+    tokens = _pipeline.crop_and_answer(_vicrop.static_model(model), model.params, pixels, crop, boxes,
+                                       max_new_tokens=8)
+    crops = [_vicrop.device_crop(model, image, box) for box in boxes]
+    ids, image_text = prompt_inputs(model, model.family.prompt(QUESTION, 3), 3)
+    expected = generate_ids(model, np.stack([pixels, *crops]), ids, 8, image_text)
+    assert strip_generated(np.asarray(tokens.with_crops)) == expected
+    ids, image_text = prompt_inputs(model, model.family.prompt(QUESTION), 1)
+    assert strip_generated(np.asarray(tokens.original)) == generate_ids(model, pixels[None], ids, 8, image_text)
