@@ -22,6 +22,8 @@ from weights_conversion.core import CheckpointMismatchError, check_table, flax_t
 from weights_conversion.instructblip_table import INSTRUCTBLIP_KEY_ALIASES, instructblip_table
 from weights_conversion.safetensors_io import INDEX_FILE, open_checkpoint, write_checkpoint
 
+pytestmark = pytest.mark.slow  # parity on several configs; test_instructblip_api.py stays in the fast subset
+
 IMAGE_TOKEN_ID = 99
 CONFIGS = {
     # full heads, a cross-attention in every Q-Former layer, padded instruction
@@ -117,7 +119,6 @@ def reference_lm_inputs(reference, ids, image_features):
     return embeds.masked_scatter(mask, image_features.reshape(-1, embeds.shape[-1])), ids
 
 
-@pytest.mark.slow
 def test_logits_and_sown_attentions_match_transformers(case):
     spec, module, params, _, reference, _ = case
     config = module.config
@@ -189,7 +190,6 @@ def test_greedy_generation_is_token_identical(case):
     assert ours == theirs[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.slow
 def test_two_images_match_image_by_image_reference(case):
     spec, module, params, _, reference, _ = case
     ids, pixels, qids, qmask = inputs(module.config, np.random.RandomState(3), 2, spec["instruction_padding"])
@@ -208,7 +208,6 @@ def test_two_images_match_image_by_image_reference(case):
     assert ours == theirs[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.slow
 def test_gradient_wrt_cross_attention_matches_torch(case):
     """d log p(top) / d cross-attention probs, via Flax `perturb`, equals torch autograd on the returned probs."""
     spec, module, params, _, reference, _ = case
