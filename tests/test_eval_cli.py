@@ -350,3 +350,33 @@ def test_progress_line():
     assert progress_line("eval", 30, 120, 3, 2.0) == (
         "eval 30/120 [######..................]  25%  2.00 rec/s  ETA 0:00:45  3 failed")
     assert progress_line("eval", 0, 10, 0, None) == "eval 0/10 [........................]   0%"
+
+
+def test_an_unwritable_output_or_a_full_disk_exits_with_2_and_keeps_what_was_written(checkpoint, benchmark,
+                                                                                      tmp_path, monkeypatch, capsys):
+    from vicrop_jax.evaluation import results, runner
+
+    out = tmp_path / "r.jsonl"
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(results, "open", read_only, raising=False)
+    assert main(eval_args(checkpoint, *benchmark, out, "--limit", "2")) == 2
+    assert f"cannot write {out}: permission denied" in capsys.readouterr().err
+    monkeypatch.undo()
+    appended = []
+
+    def fill_up(handle, lines):
+        if appended:
+            raise OSError(28, "No space left on device")
+        appended.append(lines)
+        results.append_results(handle, lines)
+
+    monkeypatch.setattr(runner, "append_results", fill_up)
+    assert main(eval_args(checkpoint, *benchmark, out, "--limit", "4")) == 2
+    assert "No space left on device; free space and rerun to resume" in capsys.readouterr().err
+    assert [line["id"] for line in read_lines(out)] == ["q0", "q1"]  # the first batch stays
+    monkeypatch.undo()
+    assert main(eval_args(checkpoint, *benchmark, out, "--limit", "4")) == 0
+    assert [line["id"] for line in read_lines(out)] == ["q0", "q1", "q2", "q3"]
