@@ -202,3 +202,32 @@ def test_full_size_configs_as_transformers_writes_them_are_read_and_new_attribut
     with pytest.raises(ValueError, match=r"text_config.pruned_heads = .* is not handled .*\(handled at \{\} only\)"):
         family.read_config(full)
 
+
+
+def test_the_published_llava_config_json_is_read_with_transformers_defaults():
+    """config.json of llava-hf/llava-1.5-7b-hf as published (transformers 4.36): its text_config names only what
+    differs from LlamaConfig's defaults (LLaMA-7B's sizes), which fill the rest as transformers fills them."""
+    published = {
+        "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
+        "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+        "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                        "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                        "torch_dtype": "float16", "vocab_size": 32064},
+        "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.36.0.dev0",
+        "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                          "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                          "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+        "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+    }
+    from transformers import LlavaConfig as TransformersLlavaConfig
+
+    expected = TransformersLlavaConfig(**published).to_dict()
+    family = family_for(published)
+    for config in (family.read_config(published), family.read_config(expected)):
+        text, vision = config.text, config.vision
+        assert (text.hidden_size, text.intermediate_size, text.num_layers, text.num_heads, text.num_kv_heads) == (
+            4096, 11008, 32, 32, 32)
+        assert (text.vocab_size, text.max_position_embeddings, text.rms_norm_eps) == (32064, 4096, 1e-5)
+        assert (vision.hidden_size, vision.num_layers, vision.image_size, vision.patch_size) == (1024, 24, 336, 14)
+    text = expected["text_config"]
+    assert (text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]) == (4096, 11008, 32)

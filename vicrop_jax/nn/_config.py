@@ -29,6 +29,7 @@ METADATA = frozenset({
     "problem_type", "id2label", "label2id", "finetuning_task", "task_specific_params", "tokenizer_class", "prefix",
     "initializer_range", "initializer_factor", "init_std", "use_cache", "chunk_size_feed_forward",
     "attention_dropout", "dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob",
+    "classifier_dropout",
     "layerdrop", "ignore_index", "pad_token_id", "sep_token_id", "decoder_start_token_id", "vocab_file",
     "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
     "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",

@@ -37,7 +37,7 @@ class ClipVisionConfig:
         check_supported(
             hf,
             "vision_config",
-            {"model_type": ("clip_vision_model",), "hidden_act": ("quick_gelu", "gelu")},
+            {"model_type": ("clip_vision_model",), "hidden_act": ("quick_gelu", "gelu", None)},
         )
         # projection_dim and vocab_size belong to CLIP's heads, which the vision tower does not have
         refuse_unhandled(hf, "vision_config", {
@@ -46,12 +46,13 @@ class ClipVisionConfig:
             "vocab_size",
         })
         return cls(
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"],
-            image_size=hf["image_size"],
-            patch_size=hf["patch_size"],
+            # a missing attribute takes transformers' CLIPVisionConfig default, as transformers reads the file
+            hidden_size=hf.get("hidden_size", 768),
+            intermediate_size=hf.get("intermediate_size", 3072),
+            num_layers=hf.get("num_hidden_layers", 12),
+            num_heads=hf.get("num_attention_heads", 12),
+            image_size=hf.get("image_size", 224),
+            patch_size=hf.get("patch_size", 32),
             num_channels=hf.get("num_channels", 3),
             layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
             hidden_act=hf.get("hidden_act", "quick_gelu"),

@@ -52,10 +52,11 @@ class EvaVisionConfig:
             if not isinstance(hf.get(key, 0), int):
                 raise ValueError(f"vision_config.{key} = {hf[key]!r} is not supported by vicrop_jax (square only)")
         return cls(
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"],
+            # a missing attribute takes transformers' InstructBlipVisionConfig default
+            hidden_size=hf.get("hidden_size", 1408),
+            intermediate_size=hf.get("intermediate_size", 6144),
+            num_layers=hf.get("num_hidden_layers", 39),
+            num_heads=hf.get("num_attention_heads", 16),
             image_size=hf.get("image_size", 224),
             patch_size=hf.get("patch_size", 14),
             layer_norm_eps=hf.get("layer_norm_eps", 1e-6),

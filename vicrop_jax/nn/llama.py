@@ -55,7 +55,7 @@ class LlamaConfig:
         check_supported(
             hf,
             "text_config",
-            {"model_type": ("llama",), "hidden_act": ("silu",), "pretraining_tp": (1, None)},
+            {"model_type": ("llama",), "hidden_act": ("silu", None), "pretraining_tp": (1, None)},
         )
         refuse_unhandled(hf, "text_config", {
             "model_type", "hidden_act", "pretraining_tp", "rope_parameters", "rope_theta", "rope_scaling",
@@ -64,17 +64,20 @@ class LlamaConfig:
             "bos_token_id", "eos_token_id", "max_position_embeddings",
         })
         rope = get_rope_parameters(hf)
-        num_heads = hf["num_attention_heads"]
+        # a missing attribute takes transformers' LlamaConfig default (LLaMA-7B's), as transformers reads the file:
+        # the published llava-1.5-7b-hf config.json names only what differs from those
+        num_heads = hf.get("num_attention_heads", 32)
+        hidden_size = hf.get("hidden_size", 4096)
         eos = hf.get("eos_token_id", 2)
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=hf.get("vocab_size", 32000),
+            hidden_size=hidden_size,
+            intermediate_size=hf.get("intermediate_size", 11008),
+            num_layers=hf.get("num_hidden_layers", 32),
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            head_dim=hf.get("head_dim") or hidden_size // num_heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope["rope_theta"],
             rope_type=rope["rope_type"],
@@ -88,7 +91,7 @@ class LlamaConfig:
             bos_token_id=hf.get("bos_token_id", 1),
             eos_token_ids=eos,
             pad_token_id=hf.get("pad_token_id"),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
         )
 
 

@@ -56,11 +56,12 @@ class QFormerConfig:
             "layer_norm_eps", "cross_attention_frequency",
         })
         return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"],
-            intermediate_size=hf["intermediate_size"],
+            # a missing attribute takes transformers' InstructBlipQFormerConfig default
+            vocab_size=hf.get("vocab_size", 30522),
+            hidden_size=hf.get("hidden_size", 768),
+            num_layers=hf.get("num_hidden_layers", 12),
+            num_heads=hf.get("num_attention_heads", 12),
+            intermediate_size=hf.get("intermediate_size", 3072),
             encoder_hidden_size=hf.get("encoder_hidden_size", 1408),
             max_position_embeddings=hf.get("max_position_embeddings", 512),
             layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
