@@ -7,6 +7,7 @@ map out of the sown attention. Axis letters: N heads, T query positions, S key p
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -45,7 +46,7 @@ def image_attention(probs: jax.Array, query_row, prompt: PromptArrays, image_tok
 
 
 @dataclasses.dataclass(frozen=True)
-class Family:
+class Family(abc.ABC):
     """Everything that differs between model families. Subclasses override what their family does otherwise."""
 
     name: str  # for messages and result files, never compared
@@ -70,13 +71,13 @@ class Family:
         return None
 
     # Prompts
+    @abc.abstractmethod
     def prompt(self, question: str, num_images: int = 1) -> str:
         """The paper-exact prompt of a question over `num_images` images."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def prompt_inputs(self, model, prompt: str, num_images: int) -> tuple[list[int], tuple[np.ndarray, ...]]:
         """LM token ids with image placeholders, and the extra inputs of `encode_images` per image [n, ...]."""
-        raise NotImplementedError
 
     def prompt_arrays(self, model, prompts: list[str], num_images: int = 1) -> list[PromptArrays]:
         """Prompts tokenized and right-padded to one common bucket, so they stack into a batch."""
@@ -111,6 +112,6 @@ class Family:
         """Inside `module.apply`: one image's LM features [1, M, D] for a map pass, the map's layers captured."""
         return module.encode_images(pixels[None], *(text[None] for text in prompt.image_text))
 
+    @abc.abstractmethod
     def attention_map(self, config: Any, read: ReadAttention, query_row, prompt: PromptArrays, method) -> jax.Array:
         """The grid map [gh, gw] (float32) from the sown (or gradient-weighted) attention of one prompt pass."""
-        raise NotImplementedError

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import PIL.Image
 
-from vicrop_jax._generation import ImageLike, check_prompt, generate_ids, pixel_values, prompt_inputs, prompt_problem
+from vicrop_jax._generation import ImageLike, generate_ids, pixel_values, prompt_inputs, prompt_problem
 from vicrop_jax._loading import Model
 from vicrop_jax.nn.decoding import strip_generated
 from vicrop_jax.preprocessing import load_image
@@ -57,19 +57,23 @@ class BatchError(ValueError):
                          "answered: see .answers")
 
 
-def question_problem(model: Model, question: str, max_new_tokens: int, short_question: str | None = None) -> str | None:
-    """Why a question cannot be asked (empty; its prompts with the crops, or the map's, too long), or None."""
+def question_problem(model: Model, question: str, max_new_tokens: int, short_question: str | None = None, *,
+                     answered: bool = True) -> str | None:
+    """Why a question cannot be asked (empty; the map's prompt, or the answer's with the crops, too long), or
+    None. `answered=False` checks the map's prompt only (an importance map decodes nothing)."""
     if not question.strip():
         return "empty question"
-    for text, images in ((question, 1 + NUM_CROPS), (short_question or question, 1)):
+    prompts = [(short_question or question, 1)] + ([(question, 1 + NUM_CROPS)] if answered else [])
+    for text, images in prompts:
         problem = prompt_problem(model, model.family.prompt(text, images), images, max_new_tokens)
         if problem is not None:
             return problem
     return None
 
 
-def _check_question(model: Model, question: str, max_new_tokens: int, short_question: str | None = None) -> None:
-    problem = question_problem(model, question, max_new_tokens, short_question)
+def _check_question(model: Model, question: str, max_new_tokens: int, short_question: str | None = None, *,
+                    answered: bool = True) -> None:
+    problem = question_problem(model, question, max_new_tokens, short_question, answered=answered)
     if problem is not None:
         raise ValueError(problem)
 
@@ -157,9 +161,7 @@ def importance_map(model: Model, image: ImageLike, question: str, method: str | 
     1024 px are tiled and the tile maps stitched.
     """
     method = _map_method(model, method, options)
-    if not question.strip():
-        raise ValueError("empty question")
-    check_prompt(model, model.family.prompt(question), 1, 0)
+    _check_question(model, question, 0, answered=False)
     image = load_image(image)
     if high_res and max(image.size) > HIGH_RES_THRESHOLD:
         return _high_res_map(model, image, question, method)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxlib.version import __version_info__ as jaxlib_version
 
+from vicrop_jax._generation import encode_images
 from vicrop_jax.families import PromptArrays
 from vicrop_jax.nn.decoding import decode_from, prefill, stack_prompts
 from vicrop_jax.vicrop.boxes import crop_and_resize_jax, select_bbox_jax
@@ -99,7 +100,7 @@ def answer_passes(static: StaticModel, params, pixels, crops, crop: CropInputs, 
     runs its suffix; the original answer reuses the map's question pass when asked to.
     """
     module, prompt = static.module, crop.crop_prompt
-    encode = lambda images, *text: module.apply({"params": params}, images, *text, method="encode_images")  # noqa: E731
+    encode = functools.partial(encode_images, module, params)
     if static.prefix_length is None:
         images = jnp.concatenate([pixels[None], crops])
         text = tuple(jnp.broadcast_to(t, (images.shape[0], *t.shape)) for t in prompt.image_text)

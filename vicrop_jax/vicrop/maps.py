@@ -125,11 +125,6 @@ def attention_times_gradient(module: nn.Module, params: Any, run: Run, clip_nega
     return (lambda name: sown(intermediates, name) * clip(sown(grads, name))), outputs
 
 
-def encode_image(module: nn.Module, params: Any, pixels: jax.Array) -> jax.Array:
-    """One image's LM features [P, D] (families whose image encoder reads no text)."""
-    return module.apply({"params": params}, pixels[None], method="encode_images")[0]
-
-
 def prefill_prefix(module: nn.Module, params: Any, features: jax.Array, prefix_ids: jax.Array,
                    cache_length: int) -> KVCache:
     """The prefix (ids [P0] with image tokens, features [P,D]) in a fresh cache of S slots, as `prefill` writes

@@ -10,6 +10,7 @@ runs it after the shared prefix. Names are turned into values once, by `method_f
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, ClassVar
 
@@ -18,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
+from vicrop_jax._generation import encode_images
 from vicrop_jax.families import PromptArrays
 from vicrop_jax.nn.decoding import stack_prompts
 from vicrop_jax.prompts import GENERAL_QUESTION
 from vicrop_jax.vicrop.boxes import Box, center_box, grow_box, random_box
 from vicrop_jax.vicrop.maps import (
-    PrefixMap, QuestionPass, StaticModel, attention_times_gradient, captured_attention, encode_image,
+    PrefixMap, QuestionPass, StaticModel, attention_times_gradient, captured_attention,
     high_pass_mask, pixel_gradient_map, prefill_prefix, prompt_run, run_plain, score, split_prompt, suffix_run,
 )
 
@@ -43,11 +45,12 @@ class NoCrop(Strategy):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FixedCrop(Strategy):
+class FixedCrop(Strategy, abc.ABC):
     """A baseline whose crop box comes without a map."""
 
+    @abc.abstractmethod
     def box(self, image_size: tuple[int, int], base_size: int, bbox, seed: int) -> Box:
-        raise NotImplementedError
+        """The crop box (left, top, right, bottom) for an image of `image_size`."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,7 +86,7 @@ class CenterCrop(FixedCrop):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MapMethod(Strategy):
+class MapMethod(Strategy, abc.ABC):
     """A map read out of the model picks the crop. `layer` None means the model's default map layer (filled in
     by `resolved`); `heads` None means the mean over all heads."""
 
@@ -110,10 +113,10 @@ class MapMethod(Strategy):
         """A host-side input the map needs besides the prompts (pure-grad's mask), or None."""
         return None
 
+    @abc.abstractmethod
     def whole_prompt_map(self, static: StaticModel, params: Any, pixels: jax.Array, question: PromptArrays,
                          general: PromptArrays, high_pass) -> jax.Array:
         """The map [gh, gw] of one image (pixels [H,W,3]) from full forwards of the prompts."""
-        raise NotImplementedError
 
     def prefix_map(self, static: StaticModel, params: Any, pixels: jax.Array, question: PromptArrays,
                    general: PromptArrays, high_pass, cache_length: int) -> PrefixMap:
@@ -129,7 +132,7 @@ class MapMethod(Strategy):
 
 
 def _prefix(static: StaticModel, params, pixels, question: PromptArrays, cache_length: int):
-    features = encode_image(static.module, params, pixels)
+    features = encode_images(static.module, params, pixels[None])[0]
     return features, prefill_prefix(static.module, params, features, question.ids[: static.prefix_length],
                                     cache_length)
 
@@ -213,7 +216,7 @@ class PureGrad(MapMethod):
         prefix_ids = question.ids[:prefix_length]
 
         def prefix(x):
-            features = encode_image(module, params, x)
+            features = encode_images(module, params, x[None])[0]
             return features, prefill_prefix(module, params, features, prefix_ids, prefix_length)
 
         (features, cache), pullback = jax.vjp(prefix, pixels)
