@@ -53,7 +53,7 @@ from jax.sharding import Mesh
 
 import vicrop_jax
 from vicrop_jax._loading import Model, checkpoint_identity
-from vicrop_jax.vicrop._api import question_problem, run_padded_batch
+from vicrop_jax.vicrop._api import padded_batch_size, question_problem, run_padded_batch
 from vicrop_jax.vicrop.methods import (
     GroundTruth, MapMethod, Strategy, method_from_name, option_names, resolve_method, strategy_class,
 )
@@ -165,7 +165,7 @@ def data_mesh(batch_size: int) -> tuple[Mesh | None, int]:
     devices = jax.local_devices()
     if len(devices) == 1:
         return None, batch_size
-    return Mesh(np.array(devices), ("data",)), -(-batch_size // len(devices)) * len(devices)
+    return Mesh(np.array(devices), ("data",)), padded_batch_size(batch_size, len(devices))
 
 
 def image_file(settings: EvalSettings, record: Record) -> Path:
