@@ -3,13 +3,15 @@
 Both load the same random checkpoint written by transformers; the prompt is the paper's question
 template with one image. Prints a Markdown table. Usage:
 
-    python -m benchmarks.bench_llava [--configs tiny medium] [--repeats 5]
+    python -m benchmarks.bench_llava [--configs tiny medium] [--repeats 9]
+
+Each figure is the median of `--repeats` timed calls after two warm-up calls, with the range beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from vicrop_jax._generation import encode_images, prompt_ids  # noqa: E402
 from vicrop_jax.nn.decoding import greedy_generate, pad_prompt  # noqa: E402
 from vicrop_jax.prompts import llava_prompt  # noqa: E402
 from vicrop_jax.testing.hf_models import llava_config, save_llava  # noqa: E402
+from benchmarks.bench_vicrop import cpu_model  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(image_size=28, num_heads=4, num_kv_heads=2),
@@ -35,8 +38,8 @@ CONFIGS = {
 QUESTION = "What is the color of the small shape ?"
 
 
-def best_of(repeats: int, fn) -> float:
-    """Best wall time after two warm-up calls (the first calls of either framework pay one-time costs)."""
+def timed(repeats: int, fn) -> list[float]:
+    """Wall times after two warm-up calls (the first calls of either framework pay one-time costs)."""
     fn()
     fn()
     times = []
@@ -44,10 +47,10 @@ def best_of(repeats: int, fn) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
 
 
-def bench(name: str, repeats: int) -> dict[str, float]:
+def bench(name: str, repeats: int) -> dict[str, list[float]]:
     with tempfile.TemporaryDirectory() as folder:
         reference = save_llava(Path(folder), llava_config(**CONFIGS[name]))
         model = vicrop_jax.load(folder)
@@ -78,27 +81,27 @@ def bench(name: str, repeats: int) -> dict[str, float]:
 
     # torch first: XLA's CPU worker threads stay busy for a moment after a JAX call and would slow torch down
     return {
-        "torch_forward": best_of(repeats, torch_forward),
-        "torch_generate": best_of(repeats, torch_generate),
-        "jax_forward": best_of(repeats, jax_forward),
-        "jax_generate": best_of(repeats, jax_generate),
+        "torch_forward": timed(repeats, torch_forward),
+        "torch_generate": timed(repeats, torch_generate),
+        "jax_forward": timed(repeats, jax_forward),
+        "jax_generate": timed(repeats, jax_generate),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, jax {jax.__version__} "
+    print(f"machine: {cpu_model()}, {torch.get_num_threads()} torch threads, jax {jax.__version__} "
           f"on {jax.devices()[0].platform}, torch {torch.__version__}")
     print("| config | forward, vicrop_jax | forward, transformers | 20-token answer, vicrop_jax | "
           "20-token answer, transformers |")
     print("| --- | --- | --- | --- | --- |")
     for name in args.configs:
-        r = bench(name, args.repeats)
-        print(f"| {name} | {r['jax_forward'] * 1e3:.1f} ms | {r['torch_forward'] * 1e3:.1f} ms | "
-              f"{r['jax_generate'] * 1e3:.1f} ms | {r['torch_generate'] * 1e3:.1f} ms |")
+        r = {key: "{:.1f} ({:.1f}-{:.1f}) ms".format(*(1e3 * t for t in (statistics.median(v), min(v), max(v))))
+             for key, v in bench(name, args.repeats).items()}
+        print(f"| {name} | {r['jax_forward']} | {r['torch_forward']} | {r['jax_generate']} | {r['torch_generate']} |")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """Seconds per question, ours vs the published procedure in PyTorch; map peak memory; batched throughput.
 
-    python -m benchmarks.bench_vicrop [--configs vicrop-tiny medium] [--questions 3] [--batches 1 8 32] [--repeats 3]
+    python -m benchmarks.bench_vicrop [--configs vicrop-tiny medium] [--questions 8] [--passes 5] [--runs 2]
+                                      [--parts timing memory batch] [--batches 1 8 32]
+    python -m benchmarks.bench_vicrop --quick   # medium, rel_att: fails below the speed-up floors (before a change lands)
 
 - `vicrop-tiny`: the embedded model, on held-out synthetic scenes and their questions;
 - `medium`: the LLaVA-1.5 shape family (CLIP ViT at 336 px, 576 image tokens, LLaMA decoder, 32k vocabulary)
   scaled so that one forward takes about a second on a 2-core CPU.
 The reference is `torch_reference.vicrop_llava` (transformers eager attention, `output_attentions=True`,
 `torch.autograd`), ours is `vicrop_jax.answer` (one compiled program per method, prefix-cached LLaVA maps).
+Each run is a fresh process (compiles, warms up, then `--passes` timed passes over the questions, ours and
+the reference's alternating, so both meet the same drift of a shared machine); a figure is the median over
+every pass of every run, with the range beside it, and a speed-up is the median of the per-pass ratios.
 Peak memory of a map is measured in a fresh subprocess: after a warm-up, freed memory is returned to the
 system (malloc_trim) and VmHWM reset, then one map is computed; the figure is the peak RSS growth.
 """
@@ -16,7 +21,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,35 +102,61 @@ def seconds_per_question(fn, images, questions) -> float:
     return (time.perf_counter() - start) / len(images)
 
 
-def timings(name: str, folder: Path, count: int, repeats: int) -> dict:
-    """Seconds per question of each method, ours and the reference's: after a warm-up pass each (JAX compiles
-    every size bucket, torch's allocator fills), `repeats` passes over the questions alternating between the
-    two, the best pass of each; this shared machine's speed drifts within a run, and alternating exposes both
-    sides to the same drift."""
+def timing_run(name: str, folder: Path, count: int, passes: int, methods: list[str]) -> dict:
+    """One run: {side: {method: [seconds per question of each pass]}}, after a warm-up on one question per image
+    size (JAX compiles every size bucket, torch's allocator fills); the two sides' passes alternate."""
     from benchmarks import torch_reference
     import vicrop_jax
 
     images, questions = workload(name, count)
+    first_of_each_size = {image.size: i for i, image in reversed(list(enumerate(images)))}.values()
+    warm_up = [images[i] for i in first_of_each_size], [questions[i] for i in first_of_each_size]
     model = vicrop_jax.load(folder)
     reference = load_reference(folder)
     layer = map_layer(folder)
     out = {"ours": {}, "reference": {}}
-    for method in ("none",) + METHODS:
+    for method in methods:
+        options = {"layer": layer} if method in METHODS else {}
         sides = {
-            "ours": lambda i, q: vicrop_jax.answer(model, i, q, method, layer=layer),
+            "ours": lambda i, q: vicrop_jax.answer(model, i, q, method, **options),
             "reference": lambda i, q: torch_reference.vicrop_llava(*reference, i, q, method, layer=layer),
         }
         for side, fn in sides.items():
-            seconds_per_question(fn, images, questions)
-        passes = [{side: seconds_per_question(fn, images, questions) for side, fn in sides.items()}
-                  for _ in range(repeats)]
+            seconds_per_question(fn, *warm_up)
+        timed = [{side: seconds_per_question(fn, images, questions) for side, fn in sides.items()}
+                 for _ in range(passes)]
         for side in sides:
-            out[side][method] = min(p[side] for p in passes)
+            out[side][method] = [t[side] for t in timed]
     return out
 
 
+def timings(name: str, folder: Path, count: int, passes: int, runs: int, methods: list[str]) -> dict:
+    """`runs` timing runs, each in a fresh process, their passes pooled: {side: {method: [seconds]}}."""
+    pooled = {"ours": {m: [] for m in methods}, "reference": {m: [] for m in methods}}
+    for _ in range(runs):
+        done = subprocess.run([sys.executable, "-m", "benchmarks.bench_vicrop", "--timing-run", name, str(folder),
+                               str(count), str(passes), *methods], capture_output=True, text=True, cwd=ROOT)
+        if done.returncode:
+            raise RuntimeError(f"timing run failed:\n{done.stderr[-3000:]}")
+        run = json.loads(done.stdout.strip().splitlines()[-1])
+        for side in pooled:
+            for method in methods:
+                pooled[side][method] += run[side][method]
+    return pooled
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    return statistics.median(values), min(values), max(values)
+
+
+def ratios(numerators: list[float], denominators: list[float]) -> list[float]:
+    """Per-pass ratios of two sides' alternating passes (same drift of the machine in each pair)."""
+    return [a / b for a, b in zip(numerators, denominators)]
+
+
 def throughput(name: str, folder: Path, batches: list[int], repeats: int) -> dict:
-    """Questions per second of rel_att through `answer_batch`, the best of `repeats` runs after a warm-up."""
+    """Questions per second of rel_att through `answer_batch`, the median of `repeats` runs after a warm-up."""
     import vicrop_jax
 
     model = vicrop_jax.load(folder)
@@ -141,7 +174,7 @@ def throughput(name: str, folder: Path, batches: list[int], repeats: int) -> dic
             start = time.perf_counter()
             run()
             seconds.append(time.perf_counter() - start)
-        out[batch] = count / min(seconds)
+        out[batch] = count / statistics.median(seconds)
     return out
 
 
@@ -189,46 +222,95 @@ def peak_memory(name: str, folder: Path, method: str) -> dict:
     return out
 
 
-def main() -> None:
+QUICK_FLOORS = {"speed-up": 2.0, "over plain": 2.5}  # rel_att on medium; README: the figures they guard
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def timing_table(times: dict, methods: list[str]) -> list[str]:
+    rows = ["| method | vicrop_jax (s) | PyTorch reference (s) | speed-up | ours / our plain answer |",
+            "| --- | --- | --- | --- | --- |"]
+    cell = lambda values, digits: "{:.{d}f} ({:.{d}f}-{:.{d}f})".format(*spread(values), d=digits)  # noqa: E731
+    for method in methods:
+        ours, theirs = times["ours"][method], times["reference"][method]
+        over_plain = cell(ratios(ours, times["ours"]["none"]), 2) + "x" if "none" in methods else "-"
+        rows.append(f"| {method} | {cell(ours, 3)} | {cell(theirs, 3)} | {cell(ratios(theirs, ours), 1)}x | "
+                    f"{over_plain} |")
+    return rows
+
+
+def quick(folder: Path) -> int:
+    """rel_att on medium, 2 questions, 3 passes: exit status 1 when a median falls past its floor."""
+    times = timings("medium", folder, 2, 3, 1, ["none", "rel_att"])
+    print("\n".join(timing_table(times, ["none", "rel_att"])))
+    speed_up = statistics.median(ratios(times["reference"]["rel_att"], times["ours"]["rel_att"]))
+    over_plain = statistics.median(ratios(times["ours"]["rel_att"], times["ours"]["none"]))
+    failures = [f"rel_att speed-up {speed_up:.2f}x is below the floor {QUICK_FLOORS['speed-up']}x"] * (
+        speed_up < QUICK_FLOORS["speed-up"]) + [
+        f"rel_att takes {over_plain:.2f}x our plain answer, above the ceiling {QUICK_FLOORS['over plain']}x"] * (
+        over_plain > QUICK_FLOORS["over plain"])
+    print("\n".join(failures) or f"quick check passed: rel_att {speed_up:.2f}x the reference, {over_plain:.2f}x "
+          "our plain answer")
+    return 1 if failures else 0
+
+
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
-    parser.add_argument("--questions", type=int, default=3)
+    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--passes", type=int, default=5, help="timed passes per run, after a warm-up pass")
+    parser.add_argument("--runs", type=int, default=2, help="timing runs, each in a fresh process")
+    parser.add_argument("--methods", nargs="+", default=["none", *METHODS], choices=["none", *METHODS])
+    parser.add_argument("--parts", nargs="+", default=["timing", "memory", "batch"],
+                        choices=["timing", "memory", "batch"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per figure; the best is reported")
+    parser.add_argument("--quick", action="store_true", help="the pre-landing check (see QUICK_FLOORS)")
     parser.add_argument("--memory-probe", nargs=4, metavar=("FRAMEWORK", "CONFIG", "FOLDER", "METHOD"))
+    parser.add_argument("--timing-run", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
         memory_probe(*args.memory_probe)
-        return
+        return 0
+    if args.timing_run:
+        name, folder, count, passes, *methods = args.timing_run
+        print(json.dumps(timing_run(name, Path(folder), int(count), int(passes), methods)))
+        return 0
     import jax
     import torch
 
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}")
+    if args.quick:
+        with tempfile.TemporaryDirectory() as tmp:
+            return quick(write_checkpoint("medium", Path(tmp)))
     for name in args.configs:
         with tempfile.TemporaryDirectory() as tmp:
             folder = write_checkpoint(name, Path(tmp))
-            times = timings(name, folder, args.questions, args.repeats)
-            memory = {m: peak_memory(name, folder, m) for m in METHODS}
-            rates = throughput(name, folder, args.batches, args.repeats)
-        print(f"\n### {name}: seconds per question ({args.questions} questions, best of {args.repeats} passes "
-              "after warm-up)\n")
-        print("| method | vicrop_jax | PyTorch reference | speed-up | ours / our plain answer |")
-        print("| --- | --- | --- | --- | --- |")
-        for method in ("none",) + METHODS:
-            ours, theirs = times["ours"][method], times["reference"][method]
-            print(f"| {method} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.1f}x | "
-                  f"{ours / times['ours']['none']:.2f}x |")
-        print("\n| map | peak memory, vicrop_jax | peak memory, reference | ratio |")
-        print("| --- | --- | --- | --- |")
-        for method in METHODS:
-            ours, theirs = memory[method]["ours"], memory[method]["reference"]
-            print(f"| {method} | {ours:.0f} MiB | {theirs:.0f} MiB | {ours / max(theirs, 1e-9):.2f} |")
-        print("\n| rel_att batch size | questions / s | vs batch 1 |")
-        print("| --- | --- | --- |")
-        for batch, rate in rates.items():
-            print(f"| {batch} | {rate:.2f} | {rate / rates[args.batches[0]]:.2f}x |")
+            if "timing" in args.parts:
+                times = timings(name, folder, args.questions, args.passes, args.runs, args.methods)
+                print(f"\n### {name}: seconds per question, median (range) over {args.runs} runs x {args.passes} "
+                      f"passes of {args.questions} questions\n")
+                print("\n".join(timing_table(times, args.methods)))
+            if "memory" in args.parts:
+                memory = {m: peak_memory(name, folder, m) for m in METHODS}
+                print("\n| map | peak memory, vicrop_jax | peak memory, reference | ratio |")
+                print("| --- | --- | --- | --- |")
+                for method in METHODS:
+                    ours, theirs = memory[method]["ours"], memory[method]["reference"]
+                    print(f"| {method} | {ours:.0f} MiB | {theirs:.0f} MiB | {ours / max(theirs, 1e-9):.2f} |")
+            if "batch" in args.parts:
+                rates = throughput(name, folder, args.batches, args.passes)
+                print("\n| rel_att batch size | questions / s (median of passes) | vs batch 1 |")
+                print("| --- | --- | --- |")
+                for batch, rate in rates.items():
+                    print(f"| {batch} | {rate:.2f} | {rate / rates[args.batches[0]]:.2f}x |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

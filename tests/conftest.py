@@ -1,5 +1,10 @@
 """Test-session settings and the fixtures several test files share."""
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
@@ -9,6 +14,11 @@ from vicrop_jax.testing.hf_models import instructblip_config, llava_config, save
 # On a 2-core machine, PyTorch's intra-op threads contend with XLA's CPU threads; tiny reference
 # models then run orders of magnitude slower. One torch thread keeps the suite fast.
 torch.set_num_threads(1)
+
+# `vicrop_jax.load` turns on JAX's persistent compilation cache in $XDG_CACHE_HOME: the suite (and the CLI runs it
+# starts) writes to a cache of its own, never the user's, and starts from an empty one.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="vicrop-jax-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="module", params=["llava", "instructblip"])

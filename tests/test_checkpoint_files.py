@@ -126,7 +126,7 @@ def test_non_finite_weights_are_named_when_checked(llava_folder, tmp_path):
     assert cli_main(["convert", str(tmp_path), str(tmp_path / "out")]) == 2  # the CLI always checks
 
 
-@pytest.mark.parametrize("fmt", ["flax", "hf"])
+@pytest.mark.parametrize("fmt", ["orbax", "hf"])
 def test_a_bfloat16_conversion_records_its_dtype_and_loads_as_bfloat16(llava_folder, tmp_path, fmt):
     out = tmp_path / "bf16"
     assert cli_main(["convert", str(llava_folder), str(out), "--dtype", "bfloat16", "--format", fmt]) == 0
@@ -138,6 +138,6 @@ def test_a_bfloat16_conversion_records_its_dtype_and_loads_as_bfloat16(llava_fol
     original = flat(vicrop_jax.load(llava_folder).params)
     for path, value in flat(model.params).items():
         np.testing.assert_array_equal(value, original[path].astype(ml_dtypes.bfloat16))
-    for path in out.iterdir():
+    for path in out.rglob("*"):
         if path.is_file():
             assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path  # readable by group and others

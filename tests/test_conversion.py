@@ -17,7 +17,6 @@ from transformers import LlavaForConditionalGeneration
 import vicrop_jax
 from vicrop_jax._loading import abstract_params, save_hf_checkpoint
 from vicrop_jax.families import family_for
-from vicrop_jax.cli import main as cli_main
 from vicrop_jax.nn.llava import Llava
 from weights_conversion.core import CheckpointMismatchError
 from weights_conversion.safetensors_io import open_checkpoint, write_checkpoint
@@ -73,11 +72,15 @@ def test_bfloat16_load_and_round_trip(checkpoint, tmp_path):
     assert reloaded.lm_head.weight.dtype == torch.bfloat16
 
 
-def test_flax_checkpoint_round_trip_via_cli(checkpoint, tmp_path):
-    assert cli_main(["convert", str(checkpoint), str(tmp_path / "flax")]) == 0
-    assert (tmp_path / "flax" / "flax_params.safetensors").exists()
-    assert not (tmp_path / "flax" / "model.safetensors").exists()
-    assert_same_params(vicrop_jax.load(tmp_path / "flax").params, vicrop_jax.load(checkpoint).params)
+def test_a_flax_file_converted_before_orbax_still_loads(checkpoint, tmp_path):
+    """`vicrop-jax convert` wrote the Flax-layout tree as flax_params.safetensors before it wrote Orbax."""
+    model = vicrop_jax.load(checkpoint)
+    shutil.copytree(checkpoint, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "model.safetensors").unlink()
+    flat = traverse_util.flatten_dict(jax.device_get(model.params))
+    write_checkpoint({"/".join(path): np.asarray(value) for path, value in flat.items()}, tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "flax_params.safetensors")
+    assert_same_params(vicrop_jax.load(tmp_path).params, model.params)
 
 
 def corrupt(checkpoint, tmp_path, edit):

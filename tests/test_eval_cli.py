@@ -5,6 +5,7 @@ processes split the records and `score` merges their files."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import re
@@ -21,7 +22,8 @@ from PIL import Image
 import vicrop_jax
 from vicrop_jax.cli import main
 from vicrop_jax.evaluation.datasets import Record
-from vicrop_jax.evaluation.progress import progress_line
+from vicrop_jax.evaluation import progress
+from vicrop_jax.evaluation.progress import progress_bar
 from vicrop_jax.evaluation.runner import Prepared, answer_or_error
 from vicrop_jax.evaluation.scoring import score
 from vicrop_jax.testing.hf_models import llava_config, save_llava
@@ -181,7 +183,13 @@ def test_bad_inputs_fail_alone_and_the_exit_status_says_so(checkpoint, tmp_path,
         assert isinstance(lines[name]["crop_answer"], str) and lines[name]["crop_correct"] in (0.0, 1.0)
     assert lines["not_utf8"]["question"] == "What is \ufffd ?"
     summary = capsys.readouterr().out
-    assert "11 records" in summary and "5 failed" in summary and "failed id 'missing': image not found" in summary
+    assert "11 records" in summary and "6 answered, 5 failed" in summary
+    assert "failed id 'missing': image not found" in summary
+    kinds = {name: line["error_kind"] for name, line in lines.items() if line["error"] is not None}
+    assert kinds == {"missing": "image_missing", "zero_bytes": "image_unreadable", "truncated": "image_unreadable",
+                     "empty_question": "question", "long_question": "question"}
+    assert "2 failed: image_unreadable (the image file cannot be decoded)" in summary
+    assert "2 failed: question (" in summary and "1 failed: image_missing (" in summary
 
 
 def test_a_raising_batch_is_retried_record_by_record():
@@ -346,10 +354,27 @@ def test_score_keeps_two_checkpoints_of_one_name_apart(tmp_path):
     assert "| llava (01234567) | rel_att | 100.00 |" in text and "| llava (fedcba98) | rel_att | 0.00 |" in text
 
 
-def test_progress_line():
-    assert progress_line("eval", 30, 120, 3, 2.0) == (
-        "eval 30/120 [######..................]  25%  2.00 rec/s  ETA 0:00:45  3 failed")
-    assert progress_line("eval", 0, 10, 0, None) == "eval 0/10 [........................]   0%"
+def test_the_progress_bar_writes_whole_lines_to_a_log(monkeypatch):
+    """Without a terminal: no carriage returns, the resumed start and the end, refreshes no more often than
+    LOG_INTERVAL_S (here every update, by setting it to 0)."""
+    log = io.StringIO()
+    bar = progress_bar("eval", 120, done=30, stream=log)
+    bar.set_postfix_str("3 failed, accuracy 50.0%", refresh=False)
+    bar.update(90)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and lines
+    assert lines[0].startswith("eval:  25%") and "30/120" in lines[0]
+    assert lines[-1].startswith("eval: 100%") and "120/120" in lines[-1] and "3 failed, accuracy 50.0%" in lines[-1]
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    log = io.StringIO()
+    bar = progress_bar("eval", 3, stream=log)
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    shown = [line.split("|")[0] for line in log.getvalue().splitlines()]
+    assert [percent for percent, _ in itertools.groupby(shown)] == [  # closing shows the end once more
+        "eval:   0%", "eval:  33%", "eval:  67%", "eval: 100%"]
 
 
 def test_an_unwritable_output_or_a_full_disk_exits_with_2_and_keeps_what_was_written(checkpoint, benchmark,

@@ -70,10 +70,10 @@ def test_two_images_put_both_query_blocks_before_the_text(checkpoint):
     assert isinstance(vicrop_jax.generate(model, [image(0), image(1)], PROMPT), str)
 
 
-def test_flax_conversion_keeps_both_tokenizers(checkpoint, tmp_path):
+def test_orbax_conversion_keeps_both_tokenizers(checkpoint, tmp_path):
     folder, _, _ = checkpoint
-    assert cli_main(["convert", str(folder), str(tmp_path / "flax")]) == 0
-    converted = vicrop_jax.load(tmp_path / "flax")
+    assert cli_main(["convert", str(folder), str(tmp_path / "orbax")]) == 0
+    converted = vicrop_jax.load(tmp_path / "orbax")
     original = vicrop_jax.load(folder)
     assert converted.family is INSTRUCTBLIP
     assert vicrop_jax.generate(converted, [image(0)], PROMPT) == vicrop_jax.generate(original, [image(0)], PROMPT)

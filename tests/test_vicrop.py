@@ -42,6 +42,19 @@ def test_device_and_host_paths_agree(model, method):
     assert np.isfinite(device.importance).all()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_maps_and_answers_are_the_same_with_fused_attention(model, method):
+    """The map layer stays explicit (its probabilities are read); the others run fused, also under the
+    gradients of grad-att and pure-grad: the same map, box and answers."""
+    image = scene()
+    explicit = vicrop_jax.answer(model, image, QUESTION, method, layer=1)
+    fused = vicrop_jax.answer(model.with_attention("fused"), image, QUESTION, method, layer=1)
+    np.testing.assert_allclose(fused.importance, explicit.importance, rtol=1e-4, atol=1e-7)
+    assert (fused.bbox, fused.original_answer, fused.answer) == (explicit.bbox, explicit.original_answer,
+                                                                 explicit.answer)
+
+
 def test_device_crop_matches_the_host_crop_within_preprocessing_tolerance(model):
     """The jitted crop+resize vs PIL crop + the checkpoint's image processor, in normalised units."""
     image = scene(300, 200)

@@ -42,12 +42,12 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     import vicrop_jax
-    from vicrop_jax._loading import dtype_name, save_flax_checkpoint, save_hf_checkpoint
+    from vicrop_jax._loading import dtype_name, save_hf_checkpoint, save_orbax_checkpoint
 
     start = time.perf_counter()
     model = vicrop_jax.load(args.source, dtype=args.dtype, allow_pickle=args.allow_pickle, check_finite=True)
-    if args.format == "flax":
-        save_flax_checkpoint(model, args.out)
+    if args.format == "orbax":
+        save_orbax_checkpoint(model, args.out)
     else:
         shard = None if args.max_shard_mb is None else int(args.max_shard_mb * 2**20)
         save_hf_checkpoint(model, args.out, max_shard_bytes=shard)
@@ -110,6 +110,9 @@ def add_score_parser(commands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vicrop-jax", description=__doc__)
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help="compile every program afresh instead of reading JAX's persistent compilation cache "
+                             "($XDG_CACHE_HOME/vicrop_jax/jax-compilation-cache)")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="answer a question about a generated scene, without and with ViCrop")
     demo.add_argument("--model", default="vicrop-tiny",
@@ -118,10 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="rel_att", choices=MAP_METHOD_NAMES)
     demo.add_argument("--out", default="vicrop_demo_out", help="folder for the image and outputs")
     demo.set_defaults(run=run_demo)
-    convert = commands.add_parser("convert", help="convert a checkpoint once (Flax layout loads faster)")
+    convert = commands.add_parser(
+        "convert", help="convert a checkpoint once (Orbax: no conversion at load, restored per device slice)")
     convert.add_argument("source", help="HF checkpoint folder or cached repo id")
     convert.add_argument("out", help="output folder")
-    convert.add_argument("--format", choices=("flax", "hf"), default="flax")
+    convert.add_argument("--format", choices=("orbax", "hf"), default="orbax",
+                         help="orbax: Flax layout, no transposes at load time; hf: transformers' safetensors")
     convert.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: the checkpoint's own")
     convert.add_argument("--max-shard-mb", type=float, help="shard HF output above this size")
     convert.add_argument("--allow-pickle", action="store_true", help="read pytorch_model*.bin (runs torch.load)")
@@ -133,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.no_compilation_cache:
+        import jax
+
+        jax.config.update("jax_enable_compilation_cache", False)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:

@@ -108,10 +108,10 @@ def make_mesh(num_devices: int | None = None, axis: str = "model") -> Mesh:
     return jax.make_mesh((len(devices),), (axis,), (jax.sharding.AxisType.Auto,), devices=devices)
 
 
-def _place(params: Any, mesh: Mesh, axis: str = "model") -> Any:
-    """Parameters (host numpy or device arrays) put on the mesh, each device receiving only its slice."""
+def _named_shardings(params: Any, mesh: Mesh, axis: str = "model") -> Any:
+    """A NamedSharding per parameter (arrays or a `jax.eval_shape` tree), from `parameter_specs`."""
     specs = parameter_specs(params, axis, axis_size=mesh.shape[axis])
-    return jax.device_put(params, jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs))
+    return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs)
 
 
 def shard_model(model: Model, mesh: Mesh, axis: str = "model") -> Model:
@@ -120,15 +120,17 @@ def shard_model(model: Model, mesh: Mesh, axis: str = "model") -> Model:
     The model's parameters must fit where they are now; for a checkpoint that fits no single device use
     `load_sharded`, which never puts the whole tree on one.
     """
-    return dataclasses.replace(model, params=_place(model.params, mesh, axis))
+    return dataclasses.replace(model, params=jax.device_put(model.params, _named_shardings(model.params, mesh, axis)))
 
 
 def load_sharded(
     path_or_repo_id: str | os.PathLike, mesh: Mesh, dtype: Any = "float32", *, axis: str = "model",
     allow_pickle: bool = False,
 ) -> Model:
-    """`vicrop_jax.load`, with each parameter sent from host memory straight to its devices, already split.
+    """`vicrop_jax.load`, with every parameter split over the mesh by `parameter_specs`, never whole on one device.
 
-    The converted tree is held once in host memory (52 GB for 13B in float32), never on one device.
+    From an Orbax checkpoint (`vicrop-jax convert`) each device restores its own slice from the files, so the
+    host never holds the whole tree; HF safetensors are converted on the host first, the whole tree at once.
     """
-    return load(path_or_repo_id, dtype, allow_pickle=allow_pickle, place=lambda params: _place(params, mesh, axis))
+    return load(path_or_repo_id, dtype, allow_pickle=allow_pickle,
+                shardings=lambda abstract: _named_shardings(abstract, mesh, axis))

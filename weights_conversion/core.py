@@ -71,6 +71,24 @@ def check_table(table: Table, abstract_params: Any) -> None:
         raise RuntimeError(f"conversion table out of sync with the model: unmapped {missing}, unknown {extra}")
 
 
+def check_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """Raise one error naming every missing, mis-shaped or unexpected tensor (recomputed buffers may be extra)."""
+    problems = []
+    for key, want in sorted(expected.items()):
+        if key not in found:
+            problems.append(f"- missing    {key} (expected shape {want})")
+        elif found[key] != want:
+            problems.append(f"~ mis-shaped {key}: expected {want}, found {found[key]}")
+    for key in sorted(set(found) - set(expected)):
+        if not key.endswith(IGNORED_SUFFIXES):
+            problems.append(f"+ unexpected {key} (shape {found[key]})")
+    if problems:
+        raise CheckpointMismatchError(
+            f"{source} does not match the model its config describes ({len(problems)} problem(s)):\n"
+            + "\n".join(problems)
+        )
+
+
 def hf_to_flax(
     table: Table, tensors: Mapping[str, np.ndarray], abstract_params: Any, dtype: Any, source: str = "checkpoint"
 ) -> dict:
@@ -79,21 +97,11 @@ def hf_to_flax(
     flat_abstract = traverse_util.flatten_dict(abstract_params)
     expected = {hf_key: (path, transform) for path, (hf_key, transform) in table.items()}
     shape_of = getattr(tensors, "shape", lambda k: tuple(tensors[k].shape))
-    problems = []
-    for hf_key, (path, transform) in sorted(expected.items()):
-        want = _hf_shape(tuple(flat_abstract[path].shape), transform)
-        if hf_key not in tensors:
-            problems.append(f"- missing    {hf_key} (expected shape {want})")
-        elif tuple(shape_of(hf_key)) != want:
-            problems.append(f"~ mis-shaped {hf_key}: expected {want}, found {tuple(shape_of(hf_key))}")
-    for key in sorted(set(tensors) - set(expected)):
-        if not key.endswith(IGNORED_SUFFIXES):
-            problems.append(f"+ unexpected {key} (shape {tuple(shape_of(key))})")
-    if problems:
-        raise CheckpointMismatchError(
-            f"{source} does not match the model its config describes ({len(problems)} problem(s)):\n"
-            + "\n".join(problems)
-        )
+    check_shapes(
+        {hf_key: _hf_shape(tuple(flat_abstract[path].shape), transform) for hf_key, (path, transform) in expected.items()},
+        {key: tuple(shape_of(key)) for key in tensors},
+        source,
+    )
     flat = {
         path: np.asarray(transform.to_flax(np.asarray(tensors[hf_key]))).astype(dtype)
         for hf_key, (path, transform) in expected.items()

@@ -41,6 +41,7 @@ records and finish their batches at different times.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import sys
 from pathlib import Path
@@ -59,7 +60,7 @@ from vicrop_jax.vicrop.methods import (
 )
 from vicrop_jax.evaluation.datasets import Record, check_options, read_dataset, record_options
 from vicrop_jax.evaluation.metrics import METRIC_NAMES, area_fraction, score_answer
-from vicrop_jax.evaluation.progress import Progress
+from vicrop_jax.evaluation.progress import progress_bar
 from vicrop_jax.evaluation.results import append_results, exclusive_writer, process_path, read_results
 from vicrop_jax.preprocessing import load_image
 
@@ -107,6 +108,18 @@ class Prepared:
     record: Record
     image: PIL.Image.Image | None = None
     error: str | None = None
+    error_kind: str | None = None  # one of ERROR_KINDS
+
+
+# The "error_kind" of a failed result line: what to fix. The summary counts failures by kind.
+ERROR_KINDS = {
+    "question": "the question or its record (too long, a needed field missing)",
+    "image_missing": "the image file is not in the image folder",
+    "image_outside": "the image path leaves the image folder",
+    "image_unreadable": "the image file cannot be decoded",
+    "bbox": "the ground-truth box lies outside the image",
+    "model": "the model raised on this record",
+}
 
 
 Outcome = vicrop_jax.Answer | str  # an answer, or the error message of a record that raised
@@ -196,20 +209,21 @@ def prepare(model: Model, strategy: Strategy, settings: EvalSettings, index: int
     if problem is None and isinstance(strategy, GroundTruth) and record.bbox is None:
         problem = "method 'gt' needs the record's ground-truth 'bbox'"
     if problem is not None:
-        return Prepared(index, record, error=problem)
+        return Prepared(index, record, error=problem, error_kind="question")
     try:
         path = image_file(settings, record)
         image = load_image(path)
     except PermissionError as error:
-        return Prepared(index, record, error=str(error))
+        return Prepared(index, record, error=str(error), error_kind="image_outside")
     except FileNotFoundError:
-        return Prepared(index, record, error=f"image not found: {settings.images / record.image_path}")
+        return Prepared(index, record, error=f"image not found: {settings.images / record.image_path}",
+                        error_kind="image_missing")
     except Exception as error:  # ValueError for unreadable files, DecompressionBombError, ...
-        return Prepared(index, record, error=f"unreadable image: {error}")
+        return Prepared(index, record, error=f"unreadable image: {error}", error_kind="image_unreadable")
     try:
         record = dataclasses.replace(record, bbox=clipped_bbox(record, image.size))
     except ValueError as error:
-        return Prepared(index, record, error=str(error))
+        return Prepared(index, record, error=str(error), error_kind="bbox")
     return Prepared(index, record, image=image)
 
 
@@ -265,7 +279,7 @@ def result_line(prepared: Prepared, outcome: Outcome | None, identity: dict, dat
     error = prepared.error or (outcome if isinstance(outcome, str) else None)
     if error is not None:
         return {**line, "original_answer": None, "crop_answer": None, "bbox": None, "original_correct": None,
-                "crop_correct": None, "timing": None, "error": error}
+                "crop_correct": None, "timing": None, "error": error, "error_kind": prepared.error_kind or "model"}
     options = record_options(record) if metric == "mc" else ()
     return {
         **line,
@@ -280,8 +294,10 @@ def result_line(prepared: Prepared, outcome: Outcome | None, identity: dict, dat
 
 
 def run_batches(model: Model, strategy: Strategy, settings: EvalSettings, identity: dict, pending, handle,
-                batch_size: int, answer_fn, progress: Progress, dataset: str) -> None:
-    """Answer `pending` batch by batch, appending each batch's lines (flushed, fsync'd) to `handle`."""
+                batch_size: int, answer_fn, progress, dataset: str) -> None:
+    """Answer `pending` batch by batch, appending each batch's lines (flushed, fsync'd) to `handle`; the
+    progress bar shows this run's failures and accuracy with the crop so far."""
+    failed, correct, answered = 0, 0, 0
     for begin in range(0, len(pending), batch_size):
         prepared = [prepare(model, strategy, settings, i, record) for i, record in pending[begin:begin + batch_size]]
         ready = [p for p in prepared if p.error is None]
@@ -292,7 +308,11 @@ def run_batches(model: Model, strategy: Strategy, settings: EvalSettings, identi
         except OSError as error:  # a full disk: the lines written so far stay, and a rerun resumes
             raise ValueError(f"cannot append to {handle.name}: {error.strerror}; free space and rerun to "
                              "resume") from None
-        progress.update(len(lines), sum(line["error"] is not None for line in lines))
+        failed += sum(line["error"] is not None for line in lines)
+        answered += sum(line["error"] is None for line in lines)
+        correct += sum(line["crop_correct"] or 0 for line in lines)
+        progress.set_postfix_str(f"{failed} failed, accuracy {100 * correct / max(answered, 1):.1f}%", refresh=False)
+        progress.update(len(lines))
     progress.close()
 
 
@@ -300,7 +320,10 @@ def summary(lines: list[dict], out: Path, new: int, metric: str) -> str:
     """How many records, how many failed (and why), and the accuracies of the scored ones."""
     failed = [line for line in lines if line["error"] is not None]
     scored = [line for line in lines if line["error"] is None]
-    text = [f"{len(lines)} records in {out} ({new} new this run), {len(failed)} failed"]
+    text = [f"{len(lines)} records in {out} ({new} new this run), {len(scored)} answered, {len(failed)} failed"]
+    kinds = collections.Counter(line.get("error_kind", "unrecorded") for line in failed)
+    text += [f"  {count} failed: {kind} ({ERROR_KINDS.get(kind, 'written before error kinds were recorded')})"
+             for kind, count in kinds.most_common()]
     if scored:
         mean = lambda key: 100 * sum(line[key] for line in scored) / len(scored)  # noqa: E731
         text.append(f"accuracy ({METRIC_NAMES[metric]}) over {len(scored)} answered: original "
@@ -338,7 +361,7 @@ def evaluate(settings: EvalSettings) -> int:
             replicated = jax.device_put(model.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
             model = dataclasses.replace(model, params=replicated)
         answer_fn = batch_answer_fn(model, strategy, settings, mesh, batch_size)
-        progress = Progress("eval", len(assigned), len(assigned) - len(pending))
+        progress = progress_bar("eval", len(assigned), len(assigned) - len(pending))
         run_batches(model, strategy, settings, identity, pending, handle, batch_size, answer_fn, progress,
                     settings.data.stem)
     ids = {str(record.id) for _, record in assigned}

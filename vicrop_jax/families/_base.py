@@ -51,7 +51,7 @@ class Family(abc.ABC):
 
     name: str  # for messages and result files, never compared
     config_class: type  # a frozen config dataclass with `from_hf_config(config.json dict)`
-    module_class: type[nn.Module]  # built as module_class(config, dtype=..., param_dtype=...)
+    module_class: type[nn.Module]  # built as module_class(config, dtype=, param_dtype=, attention_kernel=)
     conversion_table: Callable[[Any], dict]  # config -> {flax path: (HF key, transform)}
     default_map_layer: int  # the paper's LM map layer (a shallower model uses its middle layer)
     key_aliases: tuple[tuple[str, str], ...] = ()  # other checkpoint key layouts, renamed onto the table's

@@ -1,4 +1,5 @@
-"""Scaled dot-product attention one head at a time, for passes whose scores outgrow the CPU's caches.
+"""Scaled dot-product attention: explicit (probabilities readable, one head at a time when the scores outgrow
+the CPU's caches) or fused (`jax.nn.dot_product_attention`, which never hands out the probabilities).
 
 With all heads at once, the float32 scores [B,N,T,S] of a long prompt (LLaVA's 576 image tokens and more)
 run to tens of MB, and each step after the first product (mask, softmax, product with the values) is a
@@ -11,12 +12,40 @@ pure-grad's backward pass, which keeps that pass's memory down.
 
 from __future__ import annotations
 
+import enum
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 ALL_HEADS_MAX_SCORE_BYTES = 8 * 2**20
+
+
+class AttentionKernel(enum.Enum):
+    """How the attentions whose probabilities no map reads are computed. A layer a map reads (the sown and
+    perturbed layers) is always explicit, whatever the kernel."""
+
+    EXPLICIT = "explicit"  # transformers' eager order, written out (fastest on CPU: the README measures it)
+    FUSED = "fused"  # jax.nn.dot_product_attention: cuDNN's fused kernel on GPU in 16-bit, XLA's otherwise
+
+    @classmethod
+    def resolve(cls, choice: "AttentionKernel | str") -> "AttentionKernel":
+        """A kernel, or its name: "explicit", "fused" or "auto" (the faster one on the default backend)."""
+        if isinstance(choice, cls):
+            return choice
+        if choice == "auto":
+            return cls.FUSED if jax.default_backend() == "gpu" else cls.EXPLICIT
+        try:
+            return cls(choice)
+        except ValueError:
+            raise ValueError(f"unknown attention kernel {choice!r}; choose auto, explicit or fused") from None
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """q [B,T,N,H], k and v [B,S,K,H] (K divides N), mask broadcastable to [B,N,T,S] or None -> [B,T,N,H]."""
+    cudnn = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn" if cudnn else None)
 
 
 def fits_all_heads(batch: int, heads: int, queries: int, keys: int) -> bool:
@@ -46,14 +75,17 @@ def head_by_head(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Non
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype,
-                          probs_hook: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+                          probs_hook: Callable[[jax.Array], jax.Array] | None = None,
+                          kernel: AttentionKernel = AttentionKernel.EXPLICIT) -> jax.Array:
     """q [B,T,N,H], k and v [B,S,N,H], mask broadcastable to [B,1,T,S] (True = may attend) or None -> [B,T,N,H].
 
     The vision towers' and the Q-Former's attention, in transformers' eager order (float32 scores scaled after
     the product, masked softmax, cast to dtype, product with the values). `probs_hook` sees the probabilities
-    [B,N,T,S] of all heads before the value product (to sow or perturb them); without one, passes whose scores
-    outgrow the caches run head by head.
+    [B,N,T,S] of all heads before the value product (to sow or perturb them); without one, the fused kernel runs
+    when asked for, and otherwise passes whose scores outgrow the caches run head by head.
     """
+    if probs_hook is None and kernel is AttentionKernel.FUSED:
+        return fused_attention(q, k, v, mask)
     b, t, n, h = q.shape
     if probs_hook is None and not fits_all_heads(b, n, t, k.shape[1]):
         heads_first = lambda y: y.transpose(2, 0, 1, 3)  # noqa: E731  [N,B,T,H]

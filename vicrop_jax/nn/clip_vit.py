@@ -9,13 +9,14 @@ deepest one asked for are run (LLaVA reads layer -2, so the last layer is skippe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.nn._attention import dot_product_attention
+from vicrop_jax.nn._attention import AttentionKernel, dot_product_attention
 from vicrop_jax.nn._config import check_supported, refuse_unhandled
 from vicrop_jax.nn._vision import VisionEncoderLayer
 
@@ -78,6 +79,7 @@ class ClipAttention(nn.Module):
     config: ClipVisionConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_kernel: AttentionKernel = AttentionKernel.EXPLICIT
 
     def setup(self):
         dense = lambda: nn.Dense(self.config.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -89,7 +91,7 @@ class ClipAttention(nn.Module):
         head_dim = c.hidden_size // c.num_heads
         split = lambda y: y.reshape(b, p, c.num_heads, head_dim)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = dot_product_attention(q, k, v, None, self.dtype)
+        out = dot_product_attention(q, k, v, None, self.dtype, kernel=self.attention_kernel)
         return self.out_proj(out.reshape(b, p, c.hidden_size))
 
 
@@ -119,6 +121,7 @@ class ClipVisionTransformer(nn.Module):
     config: ClipVisionConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_kernel: AttentionKernel = AttentionKernel.EXPLICIT
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -126,7 +129,8 @@ class ClipVisionTransformer(nn.Module):
         self.embeddings = ClipEmbeddings(self.config, **kw)
         self.pre_layrnorm = nn.LayerNorm(eps, **kw)
         layer = nn.remat(VisionEncoderLayer)  # recomputed in the backward pass: see LlamaForCausalLM.setup
-        self.layers = [layer(self.config, ClipAttention, **kw) for _ in range(self.config.num_layers)]
+        attention = functools.partial(ClipAttention, attention_kernel=self.attention_kernel)
+        self.layers = [layer(self.config, attention, **kw) for _ in range(self.config.num_layers)]
         self.post_layernorm = nn.LayerNorm(eps, **kw)
 
     def __call__(self, pixel_values: jax.Array, hidden_state_indices: Sequence[int]) -> list[jax.Array]:

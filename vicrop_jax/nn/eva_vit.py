@@ -9,13 +9,14 @@ Images come in NHWC. Pre-layernorm blocks with a fused `qkv` projection whose bi
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.nn._attention import dot_product_attention
+from vicrop_jax.nn._attention import AttentionKernel, dot_product_attention
 from vicrop_jax.nn._config import check_supported, refuse_unhandled
 from vicrop_jax.nn._vision import VisionEncoderLayer
 
@@ -76,6 +77,7 @@ class EvaAttention(nn.Module):
     config: EvaVisionConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_kernel: AttentionKernel = AttentionKernel.EXPLICIT
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -88,7 +90,7 @@ class EvaAttention(nn.Module):
         head_dim = c.hidden_size // c.num_heads
         qkv = self.qkv(x).reshape(b, p, 3, c.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = dot_product_attention(q, k, v, None, self.dtype)
+        out = dot_product_attention(q, k, v, None, self.dtype, kernel=self.attention_kernel)
         return self.projection(out.reshape(b, p, c.hidden_size))
 
 
@@ -119,12 +121,14 @@ class EvaVisionTransformer(nn.Module):
     config: EvaVisionConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_kernel: AttentionKernel = AttentionKernel.EXPLICIT
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embeddings = EvaEmbeddings(self.config, **kw)
         layer = nn.remat(VisionEncoderLayer)  # recomputed in the backward pass: see LlamaForCausalLM.setup
-        self.layers = [layer(self.config, EvaAttention, **kw) for _ in range(self.config.num_layers)]
+        attention = functools.partial(EvaAttention, attention_kernel=self.attention_kernel)
+        self.layers = [layer(self.config, attention, **kw) for _ in range(self.config.num_layers)]
         self.post_layernorm = nn.LayerNorm(self.config.layer_norm_eps, **kw)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:

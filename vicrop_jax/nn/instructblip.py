@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vicrop_jax.nn._attention import AttentionKernel
 from vicrop_jax.nn._config import MAP_LAYER_KEY, check_supported, refuse_unhandled
 from vicrop_jax.nn._merge import LanguageModelMethods
 from vicrop_jax.nn.eva_vit import EvaVisionConfig, EvaVisionTransformer
@@ -84,16 +85,18 @@ class InstructBlip(LanguageModelMethods, nn.Module):
     config: InstructBlipConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_kernel: AttentionKernel = AttentionKernel.EXPLICIT
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.vision_model = EvaVisionTransformer(c.vision, **kw)
+        kernel = self.attention_kernel
+        self.vision_model = EvaVisionTransformer(c.vision, **kw, attention_kernel=kernel)
         self.query_tokens = self.param(
             "query_tokens", nn.initializers.zeros, (1, c.num_query_tokens, c.qformer.hidden_size), self.param_dtype
         )
-        self.qformer = QFormerModel(c.qformer, **kw)
+        self.qformer = QFormerModel(c.qformer, **kw, attention_kernel=kernel)
         self.language_projection = nn.Dense(c.text.hidden_size, **kw)
-        self.language_model = LlamaForCausalLM(c.text, **kw)
+        self.language_model = LlamaForCausalLM(c.text, **kw, attention_kernel=kernel)
 
     def encode_images(
         self,

@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.nn._attention import fits_all_heads, head_by_head, masked_softmax
+from vicrop_jax.nn._attention import (AttentionKernel, fits_all_heads, fused_attention, head_by_head,
+                                      masked_softmax)
 from vicrop_jax.nn._config import check_supported, get_rope_parameters, refuse_unhandled
 
 ATTENTION_PROBS = "attention_probs"
@@ -187,6 +188,7 @@ class LlamaAttention(nn.Module):
     layer_index: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_kernel: AttentionKernel = AttentionKernel.EXPLICIT
 
     def setup(self):
         c = self.config
@@ -210,8 +212,11 @@ class LlamaAttention(nn.Module):
         values = jax.lax.dynamic_update_slice(values, v.transpose(0, 2, 3, 1).astype(values.dtype),
                                               (zero, zero, zero, offset))
 
-        qg = q.reshape(b, t, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
         keys_in, values_in = keys.astype(self.dtype), values.astype(self.dtype)
+        if not capture and self.attention_kernel is AttentionKernel.FUSED:
+            out = fused_attention(q, keys_in.transpose(0, 2, 1, 3), values_in.transpose(0, 3, 1, 2), mask[:, None])
+            return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), keys, values
+        qg = q.reshape(b, t, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
         if capture or fits_all_heads(b, c.num_heads, t, keys.shape[2]):
             out = self._all_heads(qg, keys_in, values_in, mask, capture)
         else:  # head_by_head's operands are head-major, values [S,H] per head
@@ -254,11 +259,12 @@ class LlamaDecoderLayer(nn.Module):
     layer_index: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_kernel: AttentionKernel = AttentionKernel.EXPLICIT
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.input_layernorm = RMSNorm(c.rms_norm_eps, **kw)
-        self.self_attn = LlamaAttention(c, self.layer_index, **kw)
+        self.self_attn = LlamaAttention(c, self.layer_index, **kw, attention_kernel=self.attention_kernel)
         self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, **kw)
         self.mlp = LlamaMLP(c, **kw)
 
@@ -274,6 +280,7 @@ class LlamaForCausalLM(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_kernel: AttentionKernel = AttentionKernel.EXPLICIT
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -281,7 +288,7 @@ class LlamaForCausalLM(nn.Module):
         # Under differentiation a layer keeps its inputs only and recomputes the rest in the backward pass
         # (pure-grad's memory); programs without a backward pass are unchanged. Argument 8 is `capture`.
         layer = nn.remat(LlamaDecoderLayer, static_argnums=(8,))
-        self.layers = [layer(c, i, **kw) for i in range(c.num_layers)]
+        self.layers = [layer(c, i, **kw, attention_kernel=self.attention_kernel) for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Dense(c.vocab_size, use_bias=False, **kw)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vicrop_jax.nn._attention import AttentionKernel
 from vicrop_jax.nn._config import MAP_LAYER_KEY, check_supported, refuse_unhandled
 from vicrop_jax.nn._merge import LanguageModelMethods
 from vicrop_jax.nn.clip_vit import ClipVisionConfig, ClipVisionTransformer
@@ -89,12 +90,14 @@ class Llava(LanguageModelMethods, nn.Module):
     config: LlavaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_kernel: AttentionKernel = AttentionKernel.EXPLICIT
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.vision_tower = ClipVisionTransformer(c.vision, **kw)
+        kernel = self.attention_kernel
+        self.vision_tower = ClipVisionTransformer(c.vision, **kw, attention_kernel=kernel)
         self.multi_modal_projector = LlavaProjector(c.text.hidden_size, c.projector_bias, **kw)
-        self.language_model = LlamaForCausalLM(c.text, **kw)
+        self.language_model = LlamaForCausalLM(c.text, **kw, attention_kernel=kernel)
 
     def encode_images(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values [n,H,W,C] -> LM-space features [n, tokens_per_image, D]."""

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.nn._attention import dot_product_attention
+from vicrop_jax.nn._attention import AttentionKernel, dot_product_attention
 from vicrop_jax.nn._config import check_supported, refuse_unhandled
 
 CROSS_ATTENTION_PROBS = "cross_attention_probs"
@@ -82,6 +82,7 @@ class QFormerMultiHeadAttention(nn.Module):
     config: QFormerConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_kernel: AttentionKernel = AttentionKernel.EXPLICIT
 
     def setup(self):
         dense = lambda: nn.Dense(self.config.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -99,7 +100,7 @@ class QFormerMultiHeadAttention(nn.Module):
         split = lambda y: y.reshape(*y.shape[:2], c.num_heads, head_dim)
         q, k, v = split(self.query(x)), split(self.key(context)), split(self.value(context))
         out = dot_product_attention(q, k, v, None if mask is None else mask[:, None, None, :], self.dtype,
-                                    self._capture if capture else None)
+                                    self._capture if capture else None, self.attention_kernel)
         return out.reshape(*x.shape[:2], c.hidden_size)
 
 
@@ -123,10 +124,11 @@ class QFormerAttention(nn.Module):
     config: QFormerConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_kernel: AttentionKernel = AttentionKernel.EXPLICIT
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.attention = QFormerMultiHeadAttention(self.config, **kw)
+        self.attention = QFormerMultiHeadAttention(self.config, **kw, attention_kernel=self.attention_kernel)
         self.output = QFormerResidualOutput(self.config, **kw)
 
     def __call__(self, x, context, mask, capture: bool = False):
@@ -149,12 +151,13 @@ class QFormerLayer(nn.Module):
     layer_index: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_kernel: AttentionKernel = AttentionKernel.EXPLICIT
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.attention = QFormerAttention(c, **kw)
+        self.attention = QFormerAttention(c, **kw, attention_kernel=self.attention_kernel)
         if c.has_cross_attention(self.layer_index):
-            self.crossattention = QFormerAttention(c, **kw)
+            self.crossattention = QFormerAttention(c, **kw, attention_kernel=self.attention_kernel)
         self.intermediate = QFormerIntermediate(c, **kw)
         self.output = QFormerResidualOutput(c, **kw)
         self.intermediate_query = QFormerIntermediate(c, **kw)
@@ -195,11 +198,12 @@ class QFormerModel(nn.Module):
     config: QFormerConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_kernel: AttentionKernel = AttentionKernel.EXPLICIT
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embeddings = QFormerEmbeddings(c, **kw)
-        self.layer = [QFormerLayer(c, i, **kw) for i in range(c.num_layers)]
+        self.layer = [QFormerLayer(c, i, **kw, attention_kernel=self.attention_kernel) for i in range(c.num_layers)]
 
     def __call__(
         self,
