@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_vicrop [--configs vicrop-tiny medium] [--questions 8] [--passes 5] [--runs 2]
                                       [--parts timing memory batch] [--batches 1 8 32]
-    python -m benchmarks.bench_vicrop --quick   # medium, rel_att: fails below the speed-up floors (before a change lands)
+    python -m benchmarks.bench_vicrop --quick   # medium, rel_att: fails past the floors (before a change lands)
 
 - `vicrop-tiny`: the embedded model, on held-out synthetic scenes and their questions;
 - `medium`: the LLaVA-1.5 shape family (CLIP ViT at 336 px, 576 image tokens, LLaMA decoder, 32k vocabulary)

@@ -98,7 +98,8 @@ def hf_to_flax(
     expected = {hf_key: (path, transform) for path, (hf_key, transform) in table.items()}
     shape_of = getattr(tensors, "shape", lambda k: tuple(tensors[k].shape))
     check_shapes(
-        {hf_key: _hf_shape(tuple(flat_abstract[path].shape), transform) for hf_key, (path, transform) in expected.items()},
+        {hf_key: _hf_shape(tuple(flat_abstract[path].shape), transform)
+         for hf_key, (path, transform) in expected.items()},
         {key: tuple(shape_of(key)) for key in tensors},
         source,
     )

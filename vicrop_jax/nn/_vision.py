@@ -3,7 +3,7 @@ embeddings only). Submodule names follow transformers', so both towers' conversi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -34,7 +34,7 @@ class VisionEncoderLayer(nn.Module):
     """x + attention(LN(x)), then + MLP(LN(x))."""
 
     config: Any
-    attention: type[nn.Module]  # the tower's attention, built as attention(config, dtype=..., param_dtype=...)
+    attention: Callable[..., nn.Module]  # the tower's attention (class or partial): (config, dtype=, param_dtype=)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
