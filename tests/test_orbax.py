@@ -7,7 +7,6 @@ before jax initialises, and this test session has already initialised it with on
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ import vicrop_jax
 from vicrop_jax._generation import pixel_values, prompt_inputs
 from vicrop_jax._loading import checkpoint_identity
 from vicrop_jax.cli import main as cli_main
+from vicrop_jax.testing.devices import run_on_simulated_devices
 from vicrop_jax.testing.hf_models import llava_config, noise_image, save_llava
 from weights_conversion.core import CheckpointMismatchError
 
@@ -206,21 +206,8 @@ KINDS = ("llava", "instructblip")
 
 @pytest.fixture(scope="module")
 def sharded_restores():
-    """One subprocess per family, run side by side: compiling dominates and each compile uses one core."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"}
-    runs = {
-        kind: subprocess.Popen([sys.executable, "-c", SHARDED_SCRIPT, str(Path(__file__).parent.parent), kind], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for kind in KINDS
-    }
-    results = {}
-    for kind, run in runs.items():
-        stdout, stderr = run.communicate(timeout=600)
-        assert run.returncode == 0, stderr[-4000:]
-        line = [line for line in stdout.splitlines() if line.startswith("RESULT ")][-1]
-        results[kind] = json.loads(line[len("RESULT "):])
-    return results
+    root = str(Path(__file__).parent.parent)
+    return run_on_simulated_devices(SHARDED_SCRIPT, {kind: [root, kind] for kind in KINDS})
 
 
 @pytest.mark.slow

@@ -6,10 +6,6 @@ before jax initialises, and this test session has already initialised it with on
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -25,6 +21,7 @@ from vicrop_jax.nn.llama import LlamaConfig
 from vicrop_jax.nn.llava import Llava, LlavaConfig
 from vicrop_jax.nn.qformer import QFormerConfig
 from vicrop_jax.sharding import describe, parameter_specs
+from vicrop_jax.testing.devices import run_on_simulated_devices
 
 M = "model"
 
@@ -172,22 +169,7 @@ KINDS = ("llava", "instructblip")
 
 @pytest.fixture(scope="module")
 def parity():
-    """One subprocess per model, run side by side: compiling dominates and each compile uses one core."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           # 8 simulated devices; LLVM optimisation off: compiling dominates, both sides compile alike
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"}
-    runs = {
-        kind: subprocess.Popen([sys.executable, "-c", PARITY_SCRIPT, str(Path(__file__).parent), kind], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for kind in KINDS
-    }
-    results = {}
-    for kind, run in runs.items():
-        stdout, stderr = run.communicate(timeout=600)
-        assert run.returncode == 0, stderr[-4000:]
-        line = [line for line in stdout.splitlines() if line.startswith("RESULT ")][-1]
-        results[kind] = json.loads(line[len("RESULT "):])
-    return results
+    return run_on_simulated_devices(PARITY_SCRIPT, {kind: [str(Path(__file__).parent), kind] for kind in KINDS})
 
 
 @pytest.mark.slow
