@@ -24,12 +24,6 @@ import vicrop_jax
 from vicrop_jax import lmms_eval as integration
 from vicrop_jax._generation import pixel_values
 from vicrop_jax.cli import main
-from vicrop_jax.testing.hf_models import (
-    instructblip_config,
-    llava_config,
-    save_instructblip,
-    save_llava,
-)
 from vicrop_jax.testing.synthetic import make_record, write_dataset
 from vicrop_jax.vicrop._api import base_size
 
@@ -167,15 +161,10 @@ def test_loglikelihood_scores_the_continuation_with_the_methods_crop(lmm):
     assert 0 < greedy_nll < other_nll  # a loss: lmms-eval picks a choice by its argmin
 
 
-@pytest.fixture(scope="module", params=["llava", "instructblip"])
-def tiny_lmm(request, tmp_path_factory):
-    """The model class over a tiny random checkpoint of each family, without a crop."""
-    folder = tmp_path_factory.mktemp(request.param)
-    if request.param == "llava":
-        save_llava(folder, llava_config(image_size=56, text_layers=3))
-    else:
-        save_instructblip(folder, instructblip_config(image_size=56))
-    return integration.VicropJax(pretrained=str(folder), method="none")
+@pytest.fixture(scope="module")
+def tiny_lmm(tiny_model):
+    """The model class over the suite's tiny random checkpoint of each family, without a crop."""
+    return integration.VicropJax(pretrained=str(tiny_model.path), method="none")
 
 
 @pytest.mark.slow

@@ -75,10 +75,14 @@ def dtype_name(dtype: Any) -> str:
     return jnp.dtype(dtype).name
 
 
+@jax.jit
+def _finite_leaves(params: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: jnp.isfinite(x).all(), params)
+
+
 def nonfinite_parameters(params: Any) -> list[str]:
     """The "/"-joined paths of the parameters holding a NaN or an infinity, checked where they lie (no host copy)."""
-    all_finite = jax.jit(lambda tree: jax.tree_util.tree_map(lambda x: jnp.isfinite(x).all(), tree))
-    finite = jax.device_get(all_finite(params))
+    finite = jax.device_get(_finite_leaves(params))
     return ["/".join(path) for path, ok in traverse_util.flatten_dict(finite).items() if not ok]
 
 

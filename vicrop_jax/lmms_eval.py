@@ -38,16 +38,9 @@ from vicrop_jax._generation import pixel_values
 from vicrop_jax._loading import Model
 from vicrop_jax.cli import DTYPE_CHOICES
 from vicrop_jax.nn.decoding import pad_prompt
-from vicrop_jax.vicrop._api import base_size
+from vicrop_jax.vicrop._api import host_box
 from vicrop_jax.vicrop.methods import (
-    FixedCrop,
-    GroundTruth,
-    MapMethod,
-    Strategy,
-    method_from_name,
-    option_names,
-    resolve_method,
-    strategy_class,
+    GroundTruth, NoCrop, Strategy, method_from_name, option_names, resolve_method, strategy_class,
 )
 
 MODEL_NAME = "vicrop_jax"
@@ -189,17 +182,6 @@ def one_image(visuals: Any, task: str, doc_id: Any) -> PIL.Image.Image:
     return visuals[0].convert("RGB")
 
 
-def crop_box(model: Model, method: Strategy, image: PIL.Image.Image, question: str,
-             seed: int) -> tuple[int, int, int, int] | None:
-    """The box `method` crops for a question (the paper's selection on a map, or a baseline's), None for none."""
-    if isinstance(method, MapMethod):
-        importance = vicrop_jax.importance_map(model, image, question, method)
-        return vicrop_jax.select_bbox(importance, image.size, base_size(model))
-    if isinstance(method, FixedCrop):
-        return method.box(image.size, base_size(model), None, seed)
-    return None
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def continuation_logprob(module, params: Any, ids: jax.Array, pixels: jax.Array, image_text: tuple,
                          start: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -309,7 +291,8 @@ class VicropJax(lmms):
         for seed, ((context, task, split, doc_id), positions) in enumerate(questions.items()):
             doc = self._doc(task, split, doc_id)
             image = one_image(requests[positions[0]].args[2](doc), task, doc_id)
-            box = crop_box(self.model, self.method, image, context, seed)
+            box = None if isinstance(self.method, NoCrop) else host_box(self.model, image, context, self.method,
+                                                                          seed=seed)[0]
             pixels = pixel_values(self.model, [image] + ([] if box is None else [image.crop(box)]))
             for position in positions:
                 target = requests[position].args[1]

@@ -198,7 +198,6 @@ def answer(model: Model, image: ImageLike, question: str, method: str | Strategy
     crop = crop_inputs(model, image, question)
     static = static_model(model)
     map_question = short_question or question
-    importance = None
     if isinstance(strategy, MapMethod):
         if device_pipeline and not (high_res and max(image.size) > HIGH_RES_THRESHOLD):
             out = _pipeline.pipeline(static, model.params, map_inputs(model, image, map_question, strategy), crop,
@@ -207,12 +206,7 @@ def answer(model: Model, image: ImageLike, question: str, method: str | Strategy
             return Answer(_decode(model, out.answers.with_crops), _decode(model, out.answers.original),
                           _box(np.asarray(out.boxes)[0]), np.asarray(out.importance),
                           {"total": time.perf_counter() - start})
-        importance = importance_map(model, image, map_question, strategy, high_res=high_res)
-        box = select_bbox(importance, image.size, base_size(model))
-    elif isinstance(strategy, FixedCrop):
-        box = strategy.box(image.size, base_size(model), bbox, seed)
-    else:
-        raise ValueError(f"method {strategy.name!r} is neither a map method nor a crop baseline")
+    box, importance = host_box(model, image, map_question, strategy, high_res=high_res, bbox=bbox, seed=seed)
     map_done = time.perf_counter()
     pixels = pixel_values(model, [image])[0]
     if device_pipeline:
@@ -223,6 +217,17 @@ def answer(model: Model, image: ImageLike, question: str, method: str | Strategy
         texts = _host_answers(model, image, question, pixels, box, max_new_tokens)
     timings = {"map": map_done - start, "answer": time.perf_counter() - map_done, "total": time.perf_counter() - start}
     return Answer(*texts, _box(box), importance, timings)
+
+
+def host_box(model: Model, image: PIL.Image.Image, question: str, strategy: Strategy, *, high_res: bool = False,
+             bbox: Sequence[float] | None = None, seed: int = 0) -> tuple[tuple[int, int, int, int], np.ndarray | None]:
+    """(the box a map method or a crop baseline chooses, the map or None), on the host path."""
+    if isinstance(strategy, MapMethod):
+        importance = importance_map(model, image, question, strategy, high_res=high_res)
+        return select_bbox(importance, image.size, base_size(model)), importance
+    if isinstance(strategy, FixedCrop):
+        return strategy.box(image.size, base_size(model), bbox, seed), None
+    raise ValueError(f"method {strategy.name!r} is neither a map method nor a crop baseline")
 
 
 def _host_answers(model: Model, image: PIL.Image.Image, question: str, pixels: np.ndarray, box,
