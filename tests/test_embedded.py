@@ -22,7 +22,10 @@ from vicrop_jax.evaluation.datasets import read_dataset
 from vicrop_jax.evaluation.metrics import attention_ratio
 from vicrop_jax.families import LLAVA
 from vicrop_jax.prompts import llava_prompt
-from vicrop_jax.testing.synthetic import BOX_COLOURS, RELATIVE_BOX_SIDES, SHAPES, make_record, write_dataset
+from vicrop_jax.testing.synthetic import (
+    BOX_COLOURS, FAR_APART, MAX_ASPECT, QUESTION_TYPES, RELATIVE_BOX_SIDES, SHAPES, make_record, make_scene,
+    write_dataset,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_SEED = 1
@@ -59,6 +62,47 @@ def test_written_dataset_is_in_the_spec_format(tmp_path):
         expected = make_record(5, index)
         assert record.labels == (expected.answer,) and tuple(record.bbox) == expected.bbox
         assert Image.open(tmp_path / "images" / record.image_path).size == expected.image.size
+
+
+@pytest.mark.parametrize("question_type", QUESTION_TYPES)
+def test_version_2_scenes_are_reproducible_and_hold_their_ground_truth(question_type):
+    records = [make_scene(HELD_OUT_SEED, i, question_type, ("square", "landscape", "portrait")[i % 3])
+               for i in range(36)]
+    again = make_scene(HELD_OUT_SEED, 5, question_type, "portrait")
+    assert np.array_equal(np.asarray(again.image), np.asarray(records[5].image)) and again.answer == records[5].answer
+    for i, record in enumerate(records):
+        width, height = record.image.size
+        aspect = ("square", "landscape", "portrait")[i % 3]
+        assert record.question_type == question_type and record.aspect == aspect
+        assert (width == height) == (aspect == "square") and max(width, height) <= MAX_ASPECT * min(width, height) + 1
+        assert (width > height) == (aspect == "landscape")
+        for x1, y1, x2, y2 in record.bboxes:
+            assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+            assert tuple(np.asarray(record.image)[y1, (x1 + x2) // 2]) in BOX_COLOURS.values()
+        left, top, right, bottom = record.bbox  # one region holding every box the answer needs
+        assert all(left <= b[0] and top <= b[1] and b[2] <= right and b[3] <= bottom for b in record.bboxes)
+    answers = [r.answer for r in records]
+    if question_type == "two_region":
+        assert set(answers) == {"yes", "no"} and 0.25 < answers.count("yes") / len(answers) < 0.75
+        for record in records:
+            (a, b) = [((x1 + x2) / 2, (y1 + y2) / 2) for x1, y1, x2, y2 in record.bboxes]
+            assert np.hypot(a[0] - b[0], a[1] - b[1]) >= FAR_APART * np.hypot(*record.image.size) - 1
+    elif question_type == "counting":
+        assert set(answers) <= {"0", "1", "2", "3", "4"} and len(set(answers)) >= 3
+        assert all(2 <= len(r.bboxes) <= 4 and int(r.answer) <= len(r.bboxes) for r in records)
+    else:
+        assert set(answers) <= set(SHAPES) and all(len(r.bboxes) == 1 for r in records)
+
+
+def test_version_2_keeps_version_1_single_detail_records_and_writes_every_type(tmp_path):
+    assert np.array_equal(np.asarray(make_scene(1, 3, "single").image), np.asarray(make_record(1, 3).image))
+    records = read_dataset(write_dataset(tmp_path, seed=5, count=8, version=2))
+    raw = json.loads((tmp_path / "data.json").read_text())
+    assert len(records) == 8 + 4 * 2
+    assert [r["question_type"] for r in raw] == ["single"] * 10 + ["two_region"] * 2 + ["distractor"] * 2 + [
+        "counting"] * 2
+    assert [r.labels for r in records[:8]] == [(make_record(5, i).answer,) for i in range(8)]
+    assert all(r.bboxes is not None and len(r.bboxes) >= 1 for r in records)
 
 
 def test_embedded_model_loads_by_name_and_fits_the_wheel(model):

@@ -45,12 +45,18 @@ def test_model_args_from_lmms_eval_strings_become_a_method_value():
     unset = integration.parse_model_args({"pretrained": "x", "heads": "none", "layer": "None"})
     assert unset.method == vicrop_jax.RelAtt()
     assert integration.parse_model_args({"pretrained": "x", "method": "none"}).method == vicrop_jax.NoCrop()
+    options = integration.parse_model_args(simple_parse_args_string(
+        "pretrained=x,method=auto,regions=auto,gate=0.7,geometry=exact,second_region_mass=0.25"))
+    assert options.method == vicrop_jax.ByConfidence(regions="auto", gate=0.7, geometry=vicrop_jax.Geometry.EXACT,
+                                                     second_region_mass=0.25)
+    assert integration.parse_model_args({"pretrained": "x", "regions": "2"}).method == vicrop_jax.RelAtt(regions=2)
 
 
 @pytest.mark.parametrize("args, message", [
     ({"pretrained": "x", "learning_rate": 1}, ("unknown model_args learning_rate; valid: pretrained, method, "
                                                "batch_size, dtype, and the options of method 'rel_att': layer, heads, "
-                                               "qformer_layer, general_question")),
+                                               "qformer_layer, general_question, regions, second_region_mass, gate, "
+                                               "geometry")),
     ({"pretrained": "x", "clip_negative": True}, "unknown model_args clip_negative"),  # grad_att's, not rel_att's
     ({"method": "rel_att"}, "model_args needs pretrained="),
     ({"pretrained": "x", "method": "sharpen"}, "unknown method 'sharpen'; choose one of rel_att, grad_att"),

@@ -245,7 +245,7 @@ def test_the_answer_step_takes_any_number_of_crops(model):
     """Two crop boxes: the device program's answer equals `generate` over the original and the same two crops."""
     image = scene(300, 200)
     boxes = np.array([[40, 30, 152, 142], [150, 60, 262, 172]], np.int32)
-    crop = _vicrop.crop_inputs(model, image, QUESTION, num_crops=2)
+    crop = _vicrop.crop_inputs(model, image, QUESTION, (2,))
     pixels = pixel_values(model, [image])[0]
     tokens = _pipeline.crop_and_answer(_vicrop.static_model(model), model.params, pixels, crop, boxes,
                                        max_new_tokens=8)

@@ -5,9 +5,12 @@ Public API:
   checkpoint folder (or a repo id in the local HF cache), converted through explicit key tables.
 - `generate(model, images, prompt, max_new_tokens=20) -> str`: the greedy answer, prompt excluded.
 - `importance_map(model, image, question, method, **options) -> np.ndarray`: rel_att, grad_att, pure_grad.
-- Methods as values: `RelAtt(layer=..., heads=...)`, `GradAtt(clip_negative=...)`, `PureGrad()`, and the
-  baselines `NoCrop()`, `GroundTruth()`, `RandomCrop()`, `CenterCrop()`; `method=` takes a value or its name.
-- `select_bbox(importance, image_size, base_size) -> (x1, y1, x2, y2)`: the paper's box selection.
+- Methods as values: `RelAtt(layer=..., heads=...)`, `GradAtt(clip_negative=...)`, `PureGrad()`, `ByConfidence()`
+  (method "auto": rel-att's or grad-att's crop, whichever answer is surer), and the baselines `NoCrop()`,
+  `GroundTruth()`, `RandomCrop()`, `CenterCrop()`; `method=` takes a value or its name. Map methods take
+  `regions=K` or "auto", `gate=` and `geometry=` (`Geometry.PAPER` or `EXACT`).
+- `select_bbox(importance, image_size, base_size, frame=None) -> (x1, y1, x2, y2)`: the paper's box selection;
+  `select_boxes(..., regions=K)`: K boxes, each with the earlier boxes' cells suppressed.
 - `answer(model, image, question, method="rel_att", ...) -> Answer`: ViCrop end to end, one jitted program.
 - `answer_batch(model, images, questions, method="rel_att", ...) -> list[Answer]`: the same, vmapped; records
   that cannot run raise `BatchError` after the others are answered.
@@ -22,14 +25,15 @@ from vicrop_jax import viz
 from vicrop_jax._generation import generate
 from vicrop_jax._loading import Model, load
 from vicrop_jax.vicrop._api import Answer, BatchError, answer, answer_batch, importance_map
-from vicrop_jax.vicrop.boxes import select_bbox
+from vicrop_jax.vicrop.boxes import select_bbox, select_boxes
 from vicrop_jax.vicrop.methods import (
-    CenterCrop, GradAtt, GroundTruth, MapMethod, NoCrop, PureGrad, RandomCrop, RelAtt, Strategy,
+    ByConfidence, CenterCrop, Geometry, GradAtt, GroundTruth, MapMethod, NoCrop, PureGrad, RandomCrop, RelAtt,
+    Strategy,
 )
 
 __all__ = [
-    "Answer", "BatchError", "CenterCrop", "GradAtt", "GroundTruth", "MapMethod", "Model", "NoCrop", "PureGrad",
-    "RandomCrop", "RelAtt", "Strategy", "answer", "answer_batch", "generate", "importance_map", "load",
-    "select_bbox", "viz",
+    "Answer", "BatchError", "ByConfidence", "CenterCrop", "Geometry", "GradAtt", "GroundTruth", "MapMethod", "Model",
+    "NoCrop", "PureGrad", "RandomCrop", "RelAtt", "Strategy", "answer", "answer_batch", "generate", "importance_map",
+    "load", "select_bbox", "select_boxes", "viz",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from vicrop_jax.evaluation.metrics import METRICS
-from vicrop_jax.vicrop.methods import MAP_METHOD_NAMES, STRATEGY_NAMES
+from vicrop_jax.vicrop.methods import MAP_METHOD_NAMES, SECOND_REGION_MASS, STRATEGY_NAMES
 
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -56,6 +56,19 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def regions_argument(text: str) -> int | str:
+    """--regions: a positive number of crops or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of crops or 'auto', got {text!r}")
+    return count
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from vicrop_jax.evaluation.runner import EvalSettings, evaluate
 
@@ -92,6 +105,17 @@ def add_eval_parser(commands) -> None:
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the random baseline (plus record index)")
     evaluate.add_argument("--layer", type=int, help="LM layer of the map (default: the paper's)")
     evaluate.add_argument("--qformer-layer", type=int, default=2, help="InstructBLIP cross-attention layer")
+    evaluate.add_argument("--regions", type=regions_argument, default=1,
+                          help="crops per question from one map (default 1, the paper's), or 'auto': a second "
+                               "one where the map's mass outside the first calls for it")
+    evaluate.add_argument("--second-region-mass", type=float, default=SECOND_REGION_MASS,
+                          help="--regions auto: the share of the map's mass outside the first box above which a "
+                               "second box is cropped (default fitted on vicrop-tiny's calibration scenes)")
+    evaluate.add_argument("--gate", type=float,
+                          help="crop only when the plain answer's first token is less probable than this")
+    evaluate.add_argument("--geometry", choices=("paper", "exact"), default="paper",
+                          help="paper: the map stretched over the whole image; exact: on the part the image "
+                               "processor keeps (LLaVA: the centre square)")
     evaluate.add_argument("--process-index", type=int, help="this process's share: records i %% count == index")
     evaluate.add_argument("--process-count", type=int, help="number of processes sharing the run")
     evaluate.add_argument("--allow-outside-images", action="store_true",

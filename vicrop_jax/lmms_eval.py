@@ -11,6 +11,7 @@ Axis letters: T tokens, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import types
 import typing
@@ -38,7 +39,7 @@ from vicrop_jax._generation import pixel_values
 from vicrop_jax._loading import Model
 from vicrop_jax.cli import DTYPE_CHOICES
 from vicrop_jax.nn.decoding import pad_prompt
-from vicrop_jax.vicrop._api import host_box
+from vicrop_jax.vicrop._api import host_boxes
 from vicrop_jax.vicrop.methods import (
     GroundTruth, NoCrop, Strategy, method_from_name, option_names, resolve_method, strategy_class,
 )
@@ -72,24 +73,27 @@ class Generation:
 
 
 def option_value(name: str, value: Any, kind: Any) -> Any:
-    """A model_args value (text, or the int/float/bool lmms-eval made of it) as the option's type: int, bool,
-    str, a tuple of ints (`heads=[0,5]`), or None for an optional one (UNSET)."""
+    """A model_args value (text, or the int/float/bool lmms-eval made of it) as the option's type: int, float,
+    bool, str, an enum's value, a tuple of ints (`heads=[0,5]`), or None for an optional one (UNSET); of a union
+    (`regions`: int or "auto"), the first type that reads it."""
     text = str(value).strip()
     kinds = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
     if type(None) in kinds and text.lower() == UNSET:
         return None
-    [base] = [k for k in kinds if k is not type(None)]
-    if base is bool and text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if base is str:
-        return text
-    try:
-        if base is int:
-            return int(text)
-        if typing.get_origin(base) is tuple:
-            return tuple(int(part) for part in text.strip("[]()").replace(",", " ").split())
-    except ValueError:
-        pass
+    for base in (k for k in kinds if k is not type(None)):
+        if base is bool:
+            if text.lower() in ("true", "false"):
+                return text.lower() == "true"
+            continue
+        if base is str:
+            return text
+        try:
+            if base in (int, float) or (isinstance(base, type) and issubclass(base, enum.Enum)):
+                return base(text)
+            if typing.get_origin(base) is tuple:
+                return tuple(int(part) for part in text.strip("[]()").replace(",", " ").split())
+        except ValueError:
+            continue
     raise ValueError(f"model_args {name}={value!r} is not a valid {kind} value (heads take a list: heads=[0,5])")
 
 
@@ -291,9 +295,9 @@ class VicropJax(lmms):
         for seed, ((context, task, split, doc_id), positions) in enumerate(questions.items()):
             doc = self._doc(task, split, doc_id)
             image = one_image(requests[positions[0]].args[2](doc), task, doc_id)
-            box = None if isinstance(self.method, NoCrop) else host_box(self.model, image, context, self.method,
-                                                                          seed=seed)[0]
-            pixels = pixel_values(self.model, [image] + ([] if box is None else [image.crop(box)]))
+            boxes = [] if isinstance(self.method, NoCrop) else host_boxes(self.model, image, context, self.method,
+                                                                            seed=seed)[0]
+            pixels = pixel_values(self.model, [image] + [image.crop(box) for box in boxes])
             for position in positions:
                 target = requests[position].args[1]
                 continuation = target if isinstance(target, str) else str(target(doc))

@@ -1,4 +1,4 @@
-"""Importance maps for people: the image with the map overlaid and the chosen box drawn."""
+"""Importance maps for people: the image with the map overlaid and the chosen boxes drawn."""
 
 from __future__ import annotations
 
@@ -21,22 +21,26 @@ def colorize(values: np.ndarray) -> np.ndarray:
 
 
 def overlay(image, importance: np.ndarray, bbox=None, path: str | os.PathLike | None = None,
-            alpha: float = 0.5) -> PIL.Image.Image:
-    """The image blended with the (min-max normalised, bilinearly upsampled) map, the box in red.
+            alpha: float = 0.5, frame=None) -> PIL.Image.Image:
+    """The image blended with the (min-max normalised, bilinearly upsampled) map, each box in red.
 
-    Like the paper's box selection, the map is stretched over the whole image. Saved as PNG when `path`
-    is given.
+    The map is stretched over `frame` (left, top, right, bottom), the part of the image its grid covers, as in the
+    box selection; None is the whole image. Outside the frame the image is left as it is. `bbox` is one box or a
+    sequence of them. Saved as PNG when `path` is given.
     """
     image = load_image(image)
+    left, top, right, bottom = (0, 0, *image.size) if frame is None else (int(v) for v in frame)
     importance = np.nan_to_num(np.asarray(importance, np.float32))
     span = importance.max() - importance.min()
     normalised = (importance - importance.min()) / span if span > 0 else np.zeros_like(importance)
-    heat = PIL.Image.fromarray((normalised * 255).astype(np.uint8)).resize(image.size, PIL.Image.BILINEAR)
+    heat = PIL.Image.fromarray((normalised * 255).astype(np.uint8))
+    heat = heat.resize((right - left, bottom - top), PIL.Image.BILINEAR)
     colored = PIL.Image.fromarray(colorize(np.asarray(heat, np.float32) / 255))
-    result = PIL.Image.blend(image, colored, alpha)
-    if bbox is not None:
-        width = max(2, round(min(image.size) / 150))
-        PIL.ImageDraw.Draw(result).rectangle(tuple(int(v) for v in bbox), outline=(255, 0, 0), width=width)
+    result = image.copy()
+    result.paste(PIL.Image.blend(image.crop((left, top, right, bottom)), colored, alpha), (left, top))
+    draw, width = PIL.ImageDraw.Draw(result), max(2, round(min(image.size) / 150))
+    for box in [] if bbox is None else np.asarray(bbox).reshape(-1, 4):
+        draw.rectangle(tuple(int(v) for v in box), outline=(255, 0, 0), width=width)
     if path is not None:
         result.save(path, format="PNG")
     return result

@@ -1,15 +1,18 @@
-"""The paper's analyses on a held-out synthetic set, for the embedded model (or any LLaVA checkpoint).
+"""The paper's analyses and the open questions' options on the held-out synthetic benchmark (version 2).
 
     python -m benchmarks.synthetic.evaluate --model vicrop-tiny --count 1000 --out runs/synthetic
 
-1. Writes the held-out set (seed 1; training used seed 0) in docs/method.md (Data) format, unless present.
-2. Runs `vicrop-jax eval`'s runner once per method (none, gt, random, center, rel_att, grad_att,
-   pure_grad); results are JSONL that resume where a run stopped.
-3. Prints and writes (`summary.json`, `summary.md`): accuracy by size tercile of the answer box's area
-   without cropping and with the ground-truth crop; accuracy of every method; and the attention ratio
-   (mean attention of the map layer, last prompt position, head mean, on the ground-truth box over
-   the mean elsewhere, cells weighted by their overlap with the box) for right and wrong answers; per LM
-   layer, its median and how often the crop box chosen on that layer's attention holds the answer.
+1. Writes the held-out set (seed 1; training used seed 0) unless present: `count` square single-detail
+   questions (version 1's, so their figures stay comparable), then `count // 4` of each question type
+   (non-square single-detail, two-region, distractor, counting; `vicrop_jax.testing.synthetic`).
+2. Calibrates on seed 4 (never on the evaluation seed), unless `calibration.json` is present: per map method,
+   the `regions="auto"` threshold on the map's mass outside the first box that gives the best accuracy, and
+   rel-att's two gate thresholds (the lowest that keeps 90% of rel-att's gain, and the one that keeps 97%).
+3. Runs `vicrop-jax eval`'s runner once per configuration (`CONFIGS`); results are JSONL that resume.
+4. Prints and writes (`summary.json`, `summary.md`): the single-detail tables of version 1 (accuracy by size
+   tercile, attention ratios for right and wrong answers, per LM layer); accuracy per question type and
+   overall for every configuration, with the share of questions cropped and seconds per question; geometry
+   paper vs exact on the non-square scenes; and the maps' quality against the ground-truth boxes.
 High-resolution tiling is not run: the generated images are at most 768 px, below its 1024 px threshold.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -32,10 +36,16 @@ from vicrop_jax.vicrop.methods import RelAtt, resolve_method
 from vicrop_jax.evaluation.metrics import TERCILES, attention_ratio, tercile, tercile_edges
 from vicrop_jax.evaluation.results import read_results
 from vicrop_jax.evaluation.runner import EvalSettings, evaluate
-from vicrop_jax.testing.synthetic import write_dataset
+from vicrop_jax.testing.synthetic import QUESTION_TYPES, write_dataset
+from vicrop_jax.vicrop._api import plain_answers
+from vicrop_jax.vicrop.boxes import outside_mass, select_boxes
 
 EVAL_SEED = 1
+CALIBRATION_SEED = 4
 METHODS = ("none", "gt", "random", "center", "rel_att", "grad_att", "pure_grad")
+MAP_METHODS = ("rel_att", "grad_att", "pure_grad")
+GATE_GAINS = (0.90, 0.97)  # the gates keep these shares of rel-att's gain on the calibration scenes
+AUTO = "auto"
 
 
 @functools.partial(jax.jit, static_argnames=("static", "method"))
@@ -126,37 +136,199 @@ def markdown(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def configs(calibration: dict) -> list[tuple[str, str, dict]]:
+    """(name, method, eval options) of every run; the gates and `regions="auto"` thresholds as calibrated."""
+    runs = [(method, method, {}) for method in METHODS]
+    for method in MAP_METHODS:
+        runs += [(f"{method} regions=2", method, {"regions": 2}),
+                 (f"{method} regions=auto", method, {"regions": AUTO,
+                                                     "second_region_mass": calibration["second_region_mass"][method]})]
+    runs += [(f"rel_att gate={gate:.3g}", "rel_att", {"gate": gate}) for gate in calibration["gates"]]
+    runs.append(("auto", "auto", {}))
+    runs += [(f"{method} geometry=exact", method, {"geometry": "exact"}) for method in MAP_METHODS]
+    return runs
+
+
+def kind(record: dict) -> str:
+    """A record's column: its question type, single-detail split into square and non-square scenes."""
+    if record["question_type"] == "single":
+        return "single" if record["aspect"] == "square" else "single, non-square"
+    return record["question_type"]
+
+
+KINDS = ("single", "single, non-square") + QUESTION_TYPES[1:]
+
+
+def run(out: Path, data: Path, model: str, name: str, method: str, options: dict, batch_size: int,
+        count: int | None = None) -> list[dict]:
+    path = out / f"{name.replace(' ', '_').replace('=', '-')}.jsonl"
+    print(f"== {name}", flush=True)
+    evaluate(EvalSettings(data=data / "data.json", images=data / "images", model=model, out=path, method=method,
+                          metric="gqa", batch_size=batch_size, limit=count, **options))
+    return read_results(path)
+
+
+def calibrate(model_name: str, out: Path, count: int, batch_size: int) -> dict:
+    """Thresholds fitted on the calibration seed: `regions="auto"`'s per map method, and rel-att's gates."""
+    data = out / "calibration"
+    if not (data / "data.json").exists():
+        write_dataset(data, CALIBRATION_SEED, count, version=2)
+    records = json.loads((data / "data.json").read_text())
+    model = vicrop_jax.load(model_name)
+    scenes = {r["id"]: Image.open(data / "images" / r["image_path"]).convert("RGB") for r in records}
+    masses, choices = {}, {}
+    for method in MAP_METHODS:
+        one = {l["id"]: l["crop_correct"] for l in run(out / "calibration-runs", data, model_name, method, method,
+                                                       {}, batch_size)}
+        two = {l["id"]: l["crop_correct"] for l in run(out / "calibration-runs", data, model_name,
+                                                       f"{method} regions=2", method, {"regions": 2}, batch_size)}
+        mass = {}
+        for r in records:
+            importance = vicrop_jax.importance_map(model, scenes[r["id"]], r["question"], method)
+            [box] = select_boxes(importance, scenes[r["id"]].size, model.config.image_size, 1)
+            mass[r["id"]] = outside_mass(importance, box, scenes[r["id"]].size)
+        candidates = sorted(set(mass.values())) + [1.0]
+        accuracy = lambda t: np.mean([two[i] if mass[i] > t else one[i] for i in mass])  # noqa: E731
+        masses[method] = float(max(candidates, key=lambda t: (accuracy(t), t)))
+        choices[method] = float(accuracy(masses[method]))
+    rel = {l["id"]: l for l in read_results(out / "calibration-runs" / "rel_att.jsonl")}
+    confidence = {}
+    for begin in range(0, len(records), batch_size):
+        chunk = records[begin: begin + batch_size]
+        answers = plain_answers(model, [scenes[r["id"]] for r in chunk], [r["question"] for r in chunk], 20)
+        confidence.update({r["id"]: c for r, (_, c) in zip(chunk, answers)})
+    gain = np.mean([rel[i]["crop_correct"] - rel[i]["original_correct"] for i in rel])
+    gated = lambda t: np.mean([rel[i]["crop_correct"] if confidence[i] < t else rel[i]["original_correct"]  # noqa: E731
+                               for i in rel]) - np.mean([rel[i]["original_correct"] for i in rel])
+    levels = sorted(set(confidence.values())) + [1.0]
+    gates = [float(next(t for t in levels if gated(t) >= share * gain)) for share in GATE_GAINS]
+    return {"seed": CALIBRATION_SEED, "records": len(records), "second_region_mass": masses,
+            "regions_auto_accuracy": choices, "gates": gates, "gate_gains": list(GATE_GAINS)}
+
+
+def gate_timing(model, records: list[dict], images: Path, gates: list[float], batch_size: int,
+                passes: int = 3) -> dict[str, float]:
+    """Seconds per single-detail question, warm, for none, rel-att and its gates: a first pass compiles every
+    program (the run files' timings include compiling), then `passes` passes alternate the configurations."""
+    scenes = [Image.open(images / r["image_path"]).convert("RGB") for r in records]
+    questions = [r["question"] for r in records]
+    runs = {"none": ("none", {}), "rel_att": ("rel_att", {}),
+            **{f"rel_att gate={gate:.3g}": ("rel_att", {"gate": gate}) for gate in gates}}
+    measured: dict[str, list[float]] = {name: [] for name in runs}
+    for turn in range(1 + passes):
+        for name, (method, options) in runs.items():
+            start = time.perf_counter()
+            vicrop_jax.answer_batch(model, scenes, questions, method, batch_size=batch_size, **options)
+            if turn:
+                measured[name].append((time.perf_counter() - start) / len(records))
+    return {name: float(np.median(values)) for name, values in measured.items()}
+
+
+def crop_holds_centres(line: dict) -> list[bool]:
+    """For each ground-truth box of a record, whether one of the crops holds its centre."""
+    crops = line.get("bboxes") or []
+    holds = lambda box, c: c[0] <= (box[0] + box[2]) / 2 <= c[2] and c[1] <= (box[1] + box[3]) / 2 <= c[3]  # noqa: E731
+    return [any(holds(box, crop) for crop in crops) for box in line["gt_bboxes"]]
+
+
+def seconds(lines: list[dict]) -> float:
+    return float(np.mean([l["timing"]["total"] for l in lines if l["timing"]]))
+
+
+def v2_summary(results: dict[str, list[dict]], records: list[dict], ratios: dict[str, float],
+               calibration: dict) -> dict:
+    kinds = {r["id"]: kind(r) for r in records}
+    aspects = {r["id"]: r["aspect"] for r in records}
+    table = {}
+    for name, lines in results.items():
+        row = {k: percent([l["crop_correct"] for l in lines if kinds[l["id"]] == k]) for k in KINDS}
+        row["overall"] = percent([l["crop_correct"] for l in lines])
+        row["non-square"] = percent([l["crop_correct"] for l in lines if aspects[l["id"]] != "square"])
+        row["cropped"] = percent([bool(l.get("cropped")) for l in lines])
+        row["seconds"] = seconds(lines)
+        row["centres_held"] = {k: percent([h for l in lines if kinds[l["id"]] == k for h in crop_holds_centres(l)])
+                               for k in KINDS}
+        table[name] = row
+    ratio_by_kind = {k: float(np.median([v for i, v in ratios.items() if kinds[i] == k])) for k in KINDS}
+    return {"accuracy": table, "median_attention_ratio": ratio_by_kind, "calibration": calibration,
+            "questions": {k: sum(v == k for v in kinds.values()) for k in KINDS}}
+
+
+def v2_markdown(summary: dict) -> str:
+    counts = summary["questions"]
+    heads = [f"{k} (n={counts[k]})" for k in KINDS]
+    rows = ["| configuration | " + " | ".join(heads) + " | overall | cropped | s / question |",
+            "| --- | " + " | ".join(["---:"] * (len(KINDS) + 3)) + " |"]
+    for name, row in summary["accuracy"].items():
+        rows.append(f"| {name} | " + " | ".join(f"{row[k]:.1f}" for k in KINDS)
+                    + f" | {row['overall']:.1f} | {row['cropped']:.0f}% | {row['seconds']:.3f} |")
+    rows += ["", "| geometry, non-square scenes | paper | exact |", "| --- | ---: | ---: |"]
+    for method in MAP_METHODS:
+        table = summary["accuracy"]
+        rows.append(f"| {method} | {table[method]['non-square']:.1f} | "
+                    f"{table[method + ' geometry=exact']['non-square']:.1f} |")
+    rows += ["", "| crops hold the centre of each ground-truth box (%) | " + " | ".join(KINDS) + " |",
+             "| --- | " + " | ".join(["---:"] * len(KINDS)) + " |"]
+    for name, row in summary["accuracy"].items():
+        if any(name.startswith(m) for m in MAP_METHODS + ("random", "center", "gt", "auto")) and "gate" not in name:
+            rows.append(f"| {name} | " + " | ".join(f"{row['centres_held'][k]:.1f}" for k in KINDS) + " |")
+    ratio = summary["median_attention_ratio"]
+    rows += ["", "| median attention ratio on the ground-truth boxes (rel-att's question map) | "
+             + " | ".join(f"{ratio[k]:.2f}" for k in KINDS) + " |"]
+    calibration = summary["calibration"]
+    rows += ["", f"Calibration (seed {calibration['seed']}, {calibration['records']} questions): regions=auto "
+             "threshold on the map's mass outside the first box "
+             + ", ".join(f"{m} {t:.3f}" for m, t in calibration["second_region_mass"].items())
+             + "; rel-att gates " + ", ".join(f"{g:.3g}" for g in calibration["gates"])
+             + " (keep " + ", ".join(f"{s:.0%}" for s in calibration["gate_gains"]) + " of its gain there)."]
+    return "\n".join(rows)
+
+
+def timing_markdown(timing: dict[str, float], v1: dict) -> str:
+    rows = ["| single-detail questions, warm | s / question | of rel_att's |", "| --- | ---: | ---: |"]
+    rows += [f"| {name} | {value:.4f} | {value / timing['rel_att']:.0%} |" for name, value in timing.items()]
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="vicrop-tiny")
-    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--count", type=int, default=1000, help="square single-detail questions (others: a quarter)")
+    parser.add_argument("--calibration-count", type=int, default=400)
     parser.add_argument("--out", default="runs/synthetic")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     out = Path(args.out)
     data = out / "data"
     if not (data / "data.json").exists():
-        write_dataset(data, EVAL_SEED, args.count)
-    records = json.loads((data / "data.json").read_text())[: args.count]
-    results = {}
-    for method in args.methods:
-        path = out / f"{method}.jsonl"
-        print(f"== {method}", flush=True)
-        evaluate(EvalSettings(data=data / "data.json", images=data / "images", model=args.model, out=path,
-                              method=method, metric="gqa", batch_size=args.batch_size, limit=args.count))
-        results[method] = read_results(path)
-    if "none" not in results:
-        raise SystemExit("--methods must include none: the terciles and attention ratios are defined on it")
+        write_dataset(data, EVAL_SEED, args.count, version=2)
+    records = json.loads((data / "data.json").read_text())
+    calibration_path = out / "calibration.json"
+    if not calibration_path.exists():
+        calibration_path.write_text(json.dumps(calibrate(args.model, out, args.calibration_count, args.batch_size),
+                                               indent=2))
+    calibration = json.loads(calibration_path.read_text())
+    results = {name: run(out, data, args.model, name, method, options, args.batch_size)
+               for name, method, options in configs(calibration)}
     model = vicrop_jax.load(args.model)
-    scenes = load_scenes(records, data / "images")
+    single = [r for r in records if kind(r) == "single"]
+    single_ids = {r["id"] for r in single}
+    scenes = load_scenes(single, data / "images")
     layer = resolve_method(model, "rel_att").layer
     analysis = layer_analysis(model, scenes)
-    ratios = dict(zip([r["id"] for r in records], analysis["attention_ratios"][layer]))
-    summary = summarize(results, ratios, layer, by_layer(analysis))
+    ratios = dict(zip([r["id"] for r in single], analysis["attention_ratios"][layer]))
+    v1 = summarize({m: [l for l in results[m] if l["id"] in single_ids] for m in METHODS}, ratios, layer,
+                   by_layer(analysis))
+    all_scenes = load_scenes(records, data / "images")
+    all_ratios = {r["id"]: float(np.mean([attention_ratio(attention, box, image.size) for box in r["bboxes"]]))
+                  for r, attention, (image, _, _) in zip(records, attention_maps(model, all_scenes), all_scenes)}
+    timing = gate_timing(model, single, data / "images", calibration["gates"], args.batch_size)
+    summary = {"single_detail": v1, "v2": v2_summary(results, records, all_ratios, calibration),
+               "warm_seconds_per_single_detail_question": timing}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(markdown(summary) + "\n")
-    print(markdown(summary))
+    text = markdown(v1) + "\n\n" + v2_markdown(summary["v2"]) + "\n\n" + timing_markdown(timing, v1)
+    (out / "summary.md").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,24 @@
 """Train vicrop-tiny: a small LLaVA-1.5-architecture model, from scratch, on synthetic small-detail VQA.
 
-    python -m benchmarks.synthetic.train --out vicrop_jax/models/vicrop-tiny
+    python -m benchmarks.synthetic.train --out vicrop_jax/models/vicrop-tiny                 # the shipped model
+    python -m benchmarks.synthetic.train --recipe 2 --out runs/vicrop-tiny-v2               # benchmark version 2
 
-CLIP ViT (112 px, patch 14: 8x8 image tokens) -> GELU projector -> LLaMA decoder (4 layers, width 192),
-trained with optax AdamW on scenes from `vicrop_jax.testing.synthetic` (training seed 0; evaluation uses other
-seeds). The ViT has one layer and LLaVA's `vision_feature_layer: -2` takes the hidden state before it, so
-the image tokens are the CLIP patch embeddings, local to their patch: a ViT trained from scratch with
-several layers learned to gather the boxed shape into a few fixed patches, from which the decoder then
-read the answer (its attention on the answer box was about 0.01x the attention elsewhere), whereas
-pretrained CLIP features, which LLaVA-1.5 has, stay local. The
-training scenes are 160 to 768 px with 5 to 35 clutter items; a curriculum starts with large boxes only
-(30% to 90% of the image side, readable in the full view: a model from scratch does not start to learn
-on small ones), then shrinks them and mixes in the evaluation's box sizes (half the samples from 40% of
-the run on).
-Half of the batches carry a second image, a crop of the first at a uniformly random position and a random
-side between 1x and 2x the model resolution (ViCrop's range of box sides), so the model learns to read
-two images as LLaVA-1.5 does; no crop is ever chosen by attention, gradients or the answer's box. One
-sample in five of the one-image batches asks the paper's general prompt, answered by the background
-colour, so that prompt is in distribution for rel-att. Loss: cross-entropy on the answer word and EOS.
+CLIP ViT (112 px, patch 14: 8x8 image tokens) -> GELU projector -> LLaMA decoder (4 layers, width 192), trained
+with optax AdamW on scenes of `vicrop_jax.testing.synthetic` (training seed 0; evaluation uses other seeds), by a
+`RECIPES` entry: recipe 1 (the shipped model) square single-detail scenes with at most one extra image, recipe 2
+every question type and aspect of version 2 with up to two. The ViT has one layer and LLaVA's
+`vision_feature_layer: -2` takes the hidden state before it, so the image tokens are the CLIP patch embeddings,
+local to their patch: a ViT trained from scratch with several layers learned to gather the boxed shape into a few
+fixed patches, from which the decoder then read the answer (its attention on the answer box was about 0.01x the
+attention elsewhere), whereas pretrained CLIP features, which LLaVA-1.5 has, stay local. The training scenes are
+160 to 768 px with 5 to 35 clutter items; a curriculum starts with large boxes only (30% to 90% of the image side,
+readable in the full view: a model from scratch does not start to learn on small ones), then shrinks them and mixes
+in the evaluation's box sizes (half the samples from 40% of the run on).
+Recipe 1: half of the batches carry one extra image (recipe 2: a third one, a third two): crops of the first at
+uniformly random positions with random sides between 1x and 2x the model resolution (ViCrop's range of box sides),
+so the model learns to read several images as LLaVA-1.5 does; no crop is ever chosen by attention, gradients or the
+answer's boxes. One sample in five of the one-image batches asks the paper's general prompt, answered by the
+background colour, so that prompt is in distribution for rel-att. Loss: cross-entropy on the answer word and EOS.
 The result is written in Hugging Face LLaVA format (transformers' `LlavaForConditionalGeneration`
 loads it too); its config names the map layer (`vicrop_attention_layer`): the LM layer whose attention
 map's crop box holds the answer most often on calibration scenes (seed 4).
@@ -26,6 +27,7 @@ map's crop box holds the answer most often on calibration scenes (seed 4).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import queue
 import threading
@@ -44,7 +46,7 @@ from vicrop_jax._tokenizer import Tokenizer
 from vicrop_jax.nn.llava import Llava, LlavaConfig
 from vicrop_jax.preprocessing import ImageProcessorConfig, preprocess
 from vicrop_jax.prompts import GENERAL_QUESTION, llava_prompt
-from vicrop_jax.testing.synthetic import BACKGROUNDS, RELATIVE_BOX_SIDES, SHAPES, make_record
+from vicrop_jax.testing.synthetic import BACKGROUNDS, RELATIVE_BOX_SIDES, SHAPES, make_record, make_scene
 
 TRAIN_SEED = 0
 CALIBRATION_SEED = 4  # scenes that choose the map layer (evaluation uses seed 1)
@@ -52,6 +54,7 @@ WORDS = (
     "USER ASSISTANT : . ? Answer the question using a single word or phrase What shape is in red blue box "
     "Write general description of image"
 ).split() + list(SHAPES) + list(BACKGROUNDS)
+VERSION_2_WORDS = "Are shapes and same yes no How many boxes hold 0 1 2 3 4".split()
 GENERAL_FRACTION = 0.2
 TRAIN_IMAGE_SIDES = (160, 768)
 TRAIN_CLUTTER = (5, 35)
@@ -59,6 +62,25 @@ TRAIN_CLUTTER = (5, 35)
 # their sides shrink from 30-90% to 12-45% of the image side and their share falls from all to half.
 EASY_START, EASY_END = (0.3, 0.9), (0.12, 0.45)
 EASY_FRACTION_END, RAMP = 0.5, 0.4
+MULTI_BOX_LARGEST = 0.4  # easy boxes of the types with several boxes stay small enough to fit apart
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What a training run draws: question types and aspects (shares), extra images, the vocabulary."""
+
+    type_mix: dict[str, float]
+    aspect_mix: dict[str, float]
+    max_extra_images: int
+    words: tuple[str, ...]
+
+
+RECIPES = {
+    1: Recipe({"single": 1.0}, {"square": 1.0}, 1, tuple(WORDS)),
+    2: Recipe({"single": 0.55, "two_region": 0.15, "distractor": 0.15, "counting": 0.15},
+              {"square": 0.6, "landscape": 0.2, "portrait": 0.2}, 2, tuple(WORDS + VERSION_2_WORDS)),
+}
+TEXT_LENGTH = 40  # prompt and answer tokens besides the image positions, at most
 
 
 def model_hf_config() -> dict:
@@ -69,11 +91,13 @@ def model_hf_config() -> dict:
 
 
 class Batches:
-    """Training batches drawn on a background thread: (ids [B,T], pixels [B,I,H,W,C], targets [B,2])."""
+    """Training batches drawn on a background thread: (ids [B,T], pixels [B,I,H,W,C], lengths [B]). The ids
+    are right-padded to a length fixed per image count (one program each); causal attention keeps the pads
+    out of every real position."""
 
     def __init__(self, tokenizer: Tokenizer, config: LlavaConfig, image_config: ImageProcessorConfig,
-                 batch_size: int, seed: int, steps: int):
-        self.tokenizer, self.config, self.image_config = tokenizer, config, image_config
+                 batch_size: int, seed: int, steps: int, recipe: Recipe):
+        self.tokenizer, self.config, self.image_config, self.recipe = tokenizer, config, image_config, recipe
         self.batch_size, self.rng, self.index, self.steps = batch_size, np.random.default_rng(seed), 0, steps
         self.queue: queue.Queue = queue.Queue(maxsize=6)
         threading.Thread(target=self._fill, daemon=True).start()
@@ -86,29 +110,41 @@ class Batches:
     def _sample(self, num_images: int, progress: float) -> tuple[list[int], list[np.ndarray]]:
         easy = self.rng.random() < 1.0 - (1.0 - EASY_FRACTION_END) * progress
         easy_sides = tuple(a + (b - a) * progress for a, b in zip(EASY_START, EASY_END))
-        record = make_record(TRAIN_SEED, self.index, image_sides=TRAIN_IMAGE_SIDES,
-                             relative_box_sides=easy_sides if easy else RELATIVE_BOX_SIDES, clutter=TRAIN_CLUTTER)
+        question_type, aspect = self._draw(self.recipe.type_mix), self._draw(self.recipe.aspect_mix)
+        sides = easy_sides if easy else RELATIVE_BOX_SIDES
+        if question_type != "single":
+            sides = (min(sides[0], MULTI_BOX_LARGEST / 2), min(sides[1], MULTI_BOX_LARGEST))
+        record = make_scene(TRAIN_SEED, self.index, question_type, aspect, image_sides=TRAIN_IMAGE_SIDES,
+                            relative_box_sides=sides, clutter=TRAIN_CLUTTER)
         self.index += 1
         images = [record.image]
         question, answer = record.question, record.answer
-        if num_images == 2:
-            side = min(record.image.width, int(round(self.config.image_size * self.rng.uniform(1.0, 2.0))))
-            x, y = self.rng.integers(0, record.image.width - side + 1, 2)
-            images.append(record.image.crop((int(x), int(y), int(x) + side, int(y) + side)))
-        elif self.rng.random() < GENERAL_FRACTION:
+        width, height = record.image.size
+        for _ in range(num_images - 1):
+            side = min(width, height, int(round(self.config.image_size * self.rng.uniform(1.0, 2.0))))
+            x, y = (int(v) for v in self.rng.integers(0, (width - side + 1, height - side + 1)))
+            images.append(record.image.crop((x, y, x + side, y + side)))
+        if num_images == 1 and self.rng.random() < GENERAL_FRACTION:
             question, answer = GENERAL_QUESTION, record.background
         return self._ids(question, answer, num_images), [preprocess(im, self.image_config) for im in images]
+
+    def _draw(self, shares: dict[str, float]) -> str:
+        """One key by its share (no draw where there is one key, so recipe 1 draws as the shipped run did)."""
+        return next(iter(shares)) if len(shares) == 1 else str(self.rng.choice(list(shares), p=list(shares.values())))
 
     def _fill(self) -> None:
         step = 0
         while True:
-            num_images = 1 + step % 2
+            num_images = 1 + step % (1 + self.recipe.max_extra_images)
             progress = min(1.0, step / (RAMP * self.steps))
             samples = [self._sample(num_images, progress) for _ in range(self.batch_size)]
-            ids = np.array([s[0] for s in samples], np.int32)
+            ids = np.full((self.batch_size, num_images * self.config.tokens_per_image + TEXT_LENGTH),
+                          self.config.text.pad_token_id, np.int32)
+            for row, (sample_ids, _) in zip(ids, samples):
+                row[: len(sample_ids)] = sample_ids
+            lengths = np.array([len(s[0]) for s in samples], np.int32)
             pixels = np.stack([np.stack(s[1]) for s in samples]).astype(np.float32)
-            targets = ids[:, -2:]
-            self.queue.put((ids, pixels, targets))
+            self.queue.put((ids, pixels, lengths))
             step += 1
 
     def next(self):
@@ -116,15 +152,18 @@ class Batches:
 
 
 def make_train_step(module: Llava, optimizer: optax.GradientTransformation):
-    def loss_fn(params, ids, pixels, targets):
-        logits = module.apply({"params": params}, ids, pixels)[:, -3:-1]
+    def loss_fn(params, ids, pixels, lengths):
+        """Cross-entropy of the answer word and EOS, the last two tokens of each sample."""
+        positions = lengths[:, None] + jnp.arange(-3, -1)
+        logits = jnp.take_along_axis(module.apply({"params": params}, ids, pixels), positions[..., None], axis=1)
+        targets = jnp.take_along_axis(ids, positions + 1, axis=1)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         answer_correct = jnp.argmax(logits[:, 0], -1) == targets[:, 0]
         return losses.mean(), answer_correct.mean()
 
     @jax.jit
-    def step(params, opt_state, ids, pixels, targets):
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, ids, pixels, targets)
+    def step(params, opt_state, ids, pixels, lengths):
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, ids, pixels, lengths)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, accuracy
 
@@ -148,6 +187,8 @@ def choose_map_layer(folder, count: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="vicrop_jax/models/vicrop-tiny")
+    parser.add_argument("--recipe", type=int, choices=sorted(RECIPES), default=1,
+                        help="1: the shipped model's data; 2: every question type and aspect of benchmark version 2")
     parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -160,7 +201,8 @@ def main() -> None:
     start = time.perf_counter()
     hf_config = model_hf_config()
     params = init_llava_params(hf_config, args.seed)
-    out = write_llava_checkpoint(args.out, hf_config, params, WORDS)
+    recipe = RECIPES[args.recipe]
+    out = write_llava_checkpoint(args.out, hf_config, params, list(recipe.words))
     config = LlavaConfig.from_hf_config(hf_config)
     tokenizer = Tokenizer.from_folder(out)
     processor = json.loads((out / "preprocessor_config.json").read_text())
@@ -171,19 +213,19 @@ def main() -> None:
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     opt_state = optimizer.init(params)
     step_fn = make_train_step(module, optimizer)
-    batches = Batches(tokenizer, config, image_config, args.batch_size, args.seed, args.steps)
-    history = {1: [], 2: []}
+    batches = Batches(tokenizer, config, image_config, args.batch_size, args.seed, args.steps, recipe)
+    history: dict[int, list] = {n: [] for n in range(1, 2 + recipe.max_extra_images)}
     for step in range(1, args.steps + 1):
-        ids, pixels, targets = batches.next()
-        params, opt_state, loss, accuracy = step_fn(params, opt_state, ids, pixels, targets)
+        ids, pixels, lengths = batches.next()
+        params, opt_state, loss, accuracy = step_fn(params, opt_state, ids, pixels, lengths)
         history[pixels.shape[1]].append((float(loss), float(accuracy)))
         if step % args.log_every == 0:
-            recent = {n: np.mean(h[-args.log_every // 2:], axis=0) for n, h in history.items()}
-            print(f"step {step}  {time.perf_counter() - start:6.0f} s  one image: loss {recent[1][0]:.3f} "
-                  f"acc {recent[1][1]:.3f}  two images: loss {recent[2][0]:.3f} acc {recent[2][1]:.3f}", flush=True)
+            recent = "  ".join(f"{n} image(s): loss {np.mean(h[-args.log_every // 3:], axis=0)[0]:.3f} "
+                               f"acc {np.mean(h[-args.log_every // 3:], axis=0)[1]:.3f}" for n, h in history.items())
+            print(f"step {step}  {time.perf_counter() - start:6.0f} s  {recent}", flush=True)
         if step % args.save_every == 0 and step < args.steps:
-            write_llava_checkpoint(out, hf_config, jax.device_get(params), WORDS)
-    write_llava_checkpoint(out, hf_config, jax.device_get(params), WORDS)
+            write_llava_checkpoint(out, hf_config, jax.device_get(params), list(recipe.words))
+    write_llava_checkpoint(out, hf_config, jax.device_get(params), list(recipe.words))
     choose_map_layer(out, args.calibration_scenes)
     print(f"trained {args.steps} steps in {(time.perf_counter() - start) / 60:.1f} min; wrote {out}")
 

@@ -33,6 +33,7 @@ class Record:
     image_path: str  # relative to the image folder
     short_question: str | None = None  # V*-style: used for the map only
     bbox: tuple[float, float, float, float] | None = None  # ground truth (x1, y1, x2, y2)
+    bboxes: tuple[tuple[float, float, float, float], ...] | None = None  # every box the answer needs (method gt)
     options: tuple[str, ...] | None = None  # multiple choice
     dataset: str | None = None
 
@@ -94,8 +95,10 @@ def parse_record(raw: Any, dataset: str | None = None) -> Record:
     is_str = lambda v: isinstance(v, str)
     options = _get(raw, "options", "a list of at least 2 strings",
                    lambda v: isinstance(v, list) and len(v) >= 2 and all(map(is_str, v)), optional=True)
-    bbox = _get(raw, "bbox", "[x1, y1, x2, y2] finite numbers with x1 < x2, y1 < y2, x2 > 0 and y2 > 0", _is_bbox,
-                optional=True)
+    box_rule = "[x1, y1, x2, y2] finite numbers with x1 < x2, y1 < y2, x2 > 0 and y2 > 0"
+    bbox = _get(raw, "bbox", box_rule, _is_bbox, optional=True)
+    bboxes = _get(raw, "bboxes", f"a non-empty list of boxes, each {box_rule}",
+                  lambda v: isinstance(v, list) and bool(v) and all(map(_is_bbox, v)), optional=True)
     return Record(
         id=_get(raw, "id", "a string or an integer", _is_id),
         question=_get(raw, "question", "a string", is_str),
@@ -104,6 +107,7 @@ def parse_record(raw: Any, dataset: str | None = None) -> Record:
                         lambda v: is_str(v) and bool(v)),
         short_question=_get(raw, "short_question", "a string", is_str, optional=True),
         bbox=None if bbox is None else tuple(float(v) for v in bbox),
+        bboxes=None if bboxes is None else tuple(tuple(float(v) for v in box) for box in bboxes),
         options=None if options is None else tuple(options),
         dataset=_get(raw, "dataset", "a string", is_str, optional=True) or dataset,
     )

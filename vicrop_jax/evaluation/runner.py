@@ -54,9 +54,10 @@ from jax.sharding import Mesh
 
 import vicrop_jax
 from vicrop_jax._loading import Model, checkpoint_identity
-from vicrop_jax.vicrop._api import padded_batch_size, question_problem, run_padded_batch
+from vicrop_jax.vicrop._api import most_crops, padded_batch_size, question_problem, run_padded_batch
 from vicrop_jax.vicrop.methods import (
-    GroundTruth, MapMethod, Strategy, method_from_name, option_names, resolve_method, strategy_class,
+    SECOND_REGION_MASS, GroundTruth, MapMethod, Strategy, method_from_name, option_names, resolve_method,
+    strategy_class,
 )
 from vicrop_jax.evaluation.datasets import Record, check_options, read_dataset, record_options
 from vicrop_jax.evaluation.metrics import METRIC_NAMES, area_fraction, score_answer
@@ -85,6 +86,10 @@ class EvalSettings:
     seed: int = 0
     layer: int | None = None
     qformer_layer: int = 2
+    regions: int | str = 1
+    second_region_mass: float = SECOND_REGION_MASS
+    gate: float | None = None
+    geometry: str = "paper"
     process_index: int | None = None
     process_count: int | None = None
     distributed: bool = False
@@ -96,8 +101,20 @@ class EvalSettings:
             "method": self.method, "model": self.model, "model_id": model_id, "metric": metric,
             "data": str(self.data.resolve()), "dataset_format": self.dataset_format, "dtype": self.dtype,
             "max_new_tokens": self.max_new_tokens, "seed": self.seed, "layer": self.layer,
-            "qformer_layer": self.qformer_layer, "high_res": self.high_res,
+            "qformer_layer": self.qformer_layer, "high_res": self.high_res, "regions": self.regions,
+            "second_region_mass": self.second_region_mass, "gate": self.gate, "geometry": self.geometry,
         }
+
+    @property
+    def method_label(self) -> str:
+        """The method with the options that change what it does, as result files and score tables name it."""
+        options = [f"{name}={getattr(self, name)}" for name, default in MAP_OPTION_DEFAULTS.items()
+                   if getattr(self, name) != default]
+        return " ".join([self.method, *options])
+
+
+# Options of map methods that a run records; lines written before they existed had their defaults.
+MAP_OPTION_DEFAULTS = {"regions": 1, "second_region_mass": SECOND_REGION_MASS, "gate": None, "geometry": "paper"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +172,8 @@ def finished_ids(path: Path, identity: dict) -> set[str]:
         if "id" not in line or not isinstance(run, dict):
             raise ValueError(f"{path} line {number} is not a result line that records its run's settings (an "
                              "older vicrop-jax or another program wrote it); pass another --out")
-        differing = [f"{key} {run.get(key)!r} there, {value!r} now" for key, value in identity.items()
-                     if run.get(key) != value]
+        differing = [f"{key} {run.get(key, MAP_OPTION_DEFAULTS.get(key))!r} there, {value!r} now"
+                     for key, value in identity.items() if run.get(key, MAP_OPTION_DEFAULTS.get(key)) != value]
         if differing:
             raise ValueError(f"{path} line {number} comes from a run with other settings ({'; '.join(differing)}); "
                              "resuming needs the same settings, or pass another --out")
@@ -191,21 +208,22 @@ def image_file(settings: EvalSettings, record: Record) -> Path:
     return path
 
 
-def clipped_bbox(record: Record, image_size: tuple[int, int]) -> tuple[float, ...] | None:
-    """The ground-truth box clipped to the image; ValueError when nothing of it is inside."""
-    if record.bbox is None:
+def clipped_bbox(bbox: tuple[float, ...] | None, image_size: tuple[int, int]) -> tuple[float, ...] | None:
+    """A ground-truth box clipped to the image; ValueError when nothing of it is inside."""
+    if bbox is None:
         return None
     width, height = image_size
-    x1, y1, x2, y2 = record.bbox
+    x1, y1, x2, y2 = bbox
     box = (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
     if box[0] >= box[2] or box[1] >= box[3]:
-        raise ValueError(f"bbox {list(record.bbox)} lies outside the {width}x{height} image")
+        raise ValueError(f"bbox {list(bbox)} lies outside the {width}x{height} image")
     return box
 
 
 def prepare(model: Model, strategy: Strategy, settings: EvalSettings, index: int, record: Record) -> Prepared:
     """Host checks before batching, so that a bad record never reaches (and fails) a batch."""
-    problem = question_problem(model, record.question, settings.max_new_tokens, record.short_question)
+    problem = question_problem(model, record.question, settings.max_new_tokens, record.short_question,
+                               crops=most_crops(strategy))
     if problem is None and isinstance(strategy, GroundTruth) and record.bbox is None:
         problem = "method 'gt' needs the record's ground-truth 'bbox'"
     if problem is not None:
@@ -221,7 +239,8 @@ def prepare(model: Model, strategy: Strategy, settings: EvalSettings, index: int
     except Exception as error:  # ValueError for unreadable files, DecompressionBombError, ...
         return Prepared(index, record, error=f"unreadable image: {error}", error_kind="image_unreadable")
     try:
-        record = dataclasses.replace(record, bbox=clipped_bbox(record, image.size))
+        bboxes = None if record.bboxes is None else tuple(clipped_bbox(b, image.size) for b in record.bboxes)
+        record = dataclasses.replace(record, bbox=clipped_bbox(record.bbox, image.size), bboxes=bboxes)
     except ValueError as error:
         return Prepared(index, record, error=str(error), error_kind="bbox")
     return Prepared(index, record, image=image)
@@ -239,9 +258,15 @@ def answer_or_error(answer_fn: Callable[[list[Prepared]], list[vicrop_jax.Answer
 
 
 def run_strategy(settings: EvalSettings) -> Strategy:
-    """The run's method as a value, with the map options of the command line where it takes them."""
-    map_options = {"layer": settings.layer, "qformer_layer": settings.qformer_layer}
+    """The run's method as a value, with the map options of the command line where it takes them; options that
+    only map methods take are refused for the others."""
     names = option_names(strategy_class(settings.method))
+    given = [f"--{name} {getattr(settings, name)}" for name, default in MAP_OPTION_DEFAULTS.items()
+             if getattr(settings, name) != default and name not in names]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only map methods take this; method {settings.method!r} does not")
+    map_options = {"layer": settings.layer, "qformer_layer": settings.qformer_layer,
+                   **{name: getattr(settings, name) for name in MAP_OPTION_DEFAULTS}}
     return method_from_name(settings.method, **{k: v for k, v in map_options.items() if k in names})
 
 
@@ -253,7 +278,7 @@ def batch_answer_fn(model: Model, strategy: Strategy, settings: EvalSettings, me
         return lambda prepared: [
             vicrop_jax.answer(model, p.image, p.record.question, strategy,
                               short_question=p.record.short_question, high_res=settings.high_res,
-                              bbox=p.record.bbox, seed=settings.seed + p.index,
+                              bbox=p.record.bboxes or p.record.bbox, seed=settings.seed + p.index,
                               max_new_tokens=settings.max_new_tokens)
             for p in prepared
         ]
@@ -264,21 +289,25 @@ def batch_answer_fn(model: Model, strategy: Strategy, settings: EvalSettings, me
     )
 
 
-def result_line(prepared: Prepared, outcome: Outcome | None, identity: dict, dataset: str) -> dict:
-    """One JSONL line: docs/method.md (Data) fields, the run's settings, and the record's scores."""
+def result_line(prepared: Prepared, outcome: Outcome | None, identity: dict, dataset: str,
+                method_label: str) -> dict:
+    """One JSONL line: the record's fields, the run's settings, what the method did, and the record's scores."""
     record, metric = prepared.record, identity["metric"]
     line = {
         "id": record.id, "dataset": record.dataset or dataset, "question": record.question,
-        "labels": list(record.labels), "image_path": record.image_path, "method": identity["method"],
+        "labels": list(record.labels), "image_path": record.image_path, "method": method_label,
         "model": identity["model"], "metric": metric, "run": identity,
     }
     if record.bbox is not None:
         line["gt_bbox"] = list(record.bbox)
         if prepared.image is not None:
             line["area_fraction"] = area_fraction(record.bbox, prepared.image.size)
+    if record.bboxes is not None:
+        line["gt_bboxes"] = [list(box) for box in record.bboxes]
     error = prepared.error or (outcome if isinstance(outcome, str) else None)
     if error is not None:
-        return {**line, "original_answer": None, "crop_answer": None, "bbox": None, "original_correct": None,
+        return {**line, "original_answer": None, "crop_answer": None, "bbox": None, "bboxes": None,
+                "cropped": None, "confidence": None, "chosen": None, "original_correct": None,
                 "crop_correct": None, "timing": None, "error": error, "error_kind": prepared.error_kind or "model"}
     options = record_options(record) if metric == "mc" else ()
     return {
@@ -286,6 +315,10 @@ def result_line(prepared: Prepared, outcome: Outcome | None, identity: dict, dat
         "original_answer": outcome.original_answer,
         "crop_answer": outcome.answer,
         "bbox": None if outcome.bbox is None else list(outcome.bbox),
+        "bboxes": [list(box) for box in outcome.boxes],
+        "cropped": outcome.cropped,
+        "confidence": outcome.confidence,
+        "chosen": outcome.chosen,
         "original_correct": score_answer(metric, outcome.original_answer, record.labels, options),
         "crop_correct": score_answer(metric, outcome.answer, record.labels, options),
         "timing": outcome.timings,
@@ -302,7 +335,7 @@ def run_batches(model: Model, strategy: Strategy, settings: EvalSettings, identi
         prepared = [prepare(model, strategy, settings, i, record) for i, record in pending[begin:begin + batch_size]]
         ready = [p for p in prepared if p.error is None]
         outcomes = dict(zip((p.index for p in ready), answer_or_error(answer_fn, ready) if ready else []))
-        lines = [result_line(p, outcomes.get(p.index), identity, dataset) for p in prepared]
+        lines = [result_line(p, outcomes.get(p.index), identity, dataset, settings.method_label) for p in prepared]
         try:
             append_results(handle, lines)
         except OSError as error:  # a full disk: the lines written so far stay, and a rerun resumes

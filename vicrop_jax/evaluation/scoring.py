@@ -101,7 +101,9 @@ def short_names(models: Sequence[str]) -> dict[str, str]:
 
 
 def _row_key(model: str, method: str) -> tuple:
-    order = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    """Rows by model, then the methods' order, a method's options (`rel_att regions=2`) after it."""
+    name = method if method == NO_CROP else method.split(" ")[0]
+    order = METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER)
     return model, order, method
 
 

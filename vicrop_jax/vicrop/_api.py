@@ -26,23 +26,33 @@ from vicrop_jax.nn.decoding import strip_generated
 from vicrop_jax.preprocessing import load_image
 from vicrop_jax.vicrop import _pipeline
 from vicrop_jax.vicrop._pipeline import CropInputs, MapInputs
-from vicrop_jax.vicrop.boxes import select_bbox, stitch_maps, tile_boxes, tile_grid
+from vicrop_jax.vicrop.boxes import Box, outside_mass, select_boxes, stitch_maps, tile_boxes, tile_grid
 from vicrop_jax.vicrop.maps import StaticModel
-from vicrop_jax.vicrop.methods import FixedCrop, MapMethod, NoCrop, Strategy, resolve_method
+from vicrop_jax.vicrop.methods import FixedCrop, Geometry, MapMethod, NoCrop, Strategy, resolve_method
 
 HIGH_RES_THRESHOLD = 1024
 IMAGE_BUCKET = 256
-NUM_CROPS = 1  # the paper's: one crop per question
 LARGE_IMAGE_PIXELS = 4096 * 4096  # an image above this runs in a batch of its own
 
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
-    answer: str  # with the crop as a second image (equal to original_answer for method "none")
+    answer: str  # with the crops as extra images (equal to original_answer when nothing was cropped)
     original_answer: str  # the original image only
-    bbox: tuple[int, int, int, int] | None  # (left, top, right, bottom) in original pixels
-    importance: np.ndarray | None  # the map [grid_h, grid_w] for map methods
+    boxes: tuple[Box, ...]  # the cropped boxes (left, top, right, bottom) in original pixels, in map order
+    importance: np.ndarray | None  # the map [grid_h, grid_w] for map methods (method "auto": the chosen one)
     timings: dict[str, float]
+    confidence: float | None = None  # with a gate: the probability of the plain answer's first token
+    chosen: str | None = None  # method "auto": the map whose crop answered
+
+    @property
+    def bbox(self) -> Box | None:
+        """The first crop box, None when nothing was cropped."""
+        return self.boxes[0] if self.boxes else None
+
+    @property
+    def cropped(self) -> bool:
+        return bool(self.boxes)
 
 
 class BatchError(ValueError):
@@ -58,12 +68,12 @@ class BatchError(ValueError):
 
 
 def question_problem(model: Model, question: str, max_new_tokens: int, short_question: str | None = None, *,
-                     answered: bool = True) -> str | None:
-    """Why a question cannot be asked (empty; the map's prompt, or the answer's with the crops, too long), or
+                     answered: bool = True, crops: int = 1) -> str | None:
+    """Why a question cannot be asked (empty; the map's prompt, or the answer's with `crops` crops, too long), or
     None. `answered=False` checks the map's prompt only (an importance map decodes nothing)."""
     if not question.strip():
         return "empty question"
-    prompts = [(short_question or question, 1)] + ([(question, 1 + NUM_CROPS)] if answered else [])
+    prompts = [(short_question or question, 1)] + ([(question, 1 + crops)] if answered else [])
     for text, images in prompts:
         problem = prompt_problem(model, model.family.prompt(text, images), images, max_new_tokens)
         if problem is not None:
@@ -71,9 +81,14 @@ def question_problem(model: Model, question: str, max_new_tokens: int, short_que
     return None
 
 
+def most_crops(strategy: Strategy) -> int:
+    """The most crops a strategy's answer prompt may hold."""
+    return max(strategy.crop_counts) if isinstance(strategy, MapMethod) else 1
+
+
 def _check_question(model: Model, question: str, max_new_tokens: int, short_question: str | None = None, *,
-                    answered: bool = True) -> None:
-    problem = question_problem(model, question, max_new_tokens, short_question, answered=answered)
+                    answered: bool = True, crops: int = 1) -> None:
+    problem = question_problem(model, question, max_new_tokens, short_question, answered=answered, crops=crops)
     if problem is not None:
         raise ValueError(problem)
 
@@ -106,11 +121,19 @@ def map_inputs(model: Model, image: PIL.Image.Image, question: str, method: MapM
                      method.high_pass(image, model.config.image_size))
 
 
-def crop_inputs(model: Model, image: PIL.Image.Image, question: str, num_crops: int = NUM_CROPS) -> CropInputs:
+def crop_prompts(model: Model, questions: list[str], counts: tuple[int, ...]) -> tuple[list, ...]:
+    """Per crop count, the prompts over the original and that many crops, one per question, in one bucket."""
     family = model.family
-    [crop_prompt] = family.prompt_arrays(model, [family.prompt(question, 1 + num_crops)], num_images=1 + num_crops)
+    return tuple(family.prompt_arrays(model, [family.prompt(q, 1 + count) for q in questions], num_images=1 + count)
+                 for count in counts)
+
+
+def crop_inputs(model: Model, image: PIL.Image.Image, question: str, counts: tuple[int, ...] = (1,)) -> CropInputs:
+    """The crop step's inputs of one record, with the prompt of each number of crops in `counts`."""
+    family = model.family
+    prompts = tuple(prompt for [prompt] in crop_prompts(model, [question], counts))
     [original_prompt] = family.prompt_arrays(model, [family.prompt(question)])
-    return CropInputs(*image_array(image), crop_prompt, original_prompt)
+    return CropInputs(*image_array(image), prompts, original_prompt)
 
 
 def device_crop(model: Model, image: ImageLike, box: Sequence[int]) -> np.ndarray:
@@ -156,9 +179,9 @@ def importance_map(model: Model, image: ImageLike, question: str, method: str | 
                    high_res: bool = False, **options) -> np.ndarray:
     """The importance map (float32, grid-shaped) of `method` for a question about an image.
 
-    method: a name (rel_att, grad_att, pure_grad) with its options (layer, qformer_layer, heads,
-    general_question, clip_negative), or a `MapMethod` value. With high_res=True, images with a side above
-    1024 px are tiled and the tile maps stitched.
+    method: a name (rel_att, grad_att, pure_grad, auto) with its options (layer, qformer_layer, heads,
+    general_question, clip_negative), or a `MapMethod` value; method auto gives both its maps [2, gh, gw].
+    With high_res=True, images with a side above 1024 px are tiled and the tile maps stitched.
     """
     method = _map_method(model, method, options)
     _check_question(model, question, 0, answered=False)
@@ -178,65 +201,108 @@ def _box(box) -> tuple[int, int, int, int]:
 
 def answer(model: Model, image: ImageLike, question: str, method: str | Strategy = "rel_att", *,
            short_question: str | None = None, high_res: bool = False, max_new_tokens: int = 20,
-           bbox: Sequence[float] | None = None, seed: int = 0, device_pipeline: bool = True,
+           bbox: Sequence | None = None, seed: int = 0, device_pipeline: bool = True,
            **options) -> Answer:
-    """Answer with ViCrop: the map of `method` picks a box, the crop joins the original as a second image.
+    """Answer with ViCrop: the map of `method` picks the boxes, the crops join the original as extra images.
 
-    method: a name, rel_att, grad_att, pure_grad (maps) or the baselines none, gt (needs `bbox`), random,
-    center, with its options as keywords; or a `Strategy` value. `short_question` (V*-style) is used for the
-    map only. `device_pipeline=False` runs the host path.
+    method: a name, rel_att, grad_att, pure_grad, auto (maps) or the baselines none, gt (needs `bbox`: one box
+    or a list of boxes), random, center, with its options as keywords (maps: regions, gate, geometry, ...); or
+    a `Strategy` value. `short_question` (V*-style) is used for the map only. `device_pipeline=False` runs the
+    host path.
     """
     strategy = resolve_method(model, method, **options)
-    _check_question(model, question, max_new_tokens, short_question)
+    _check_question(model, question, max_new_tokens, short_question, crops=most_crops(strategy))
     start = time.perf_counter()
     image = load_image(image)
     if isinstance(strategy, NoCrop):
-        pixels = pixel_values(model, [image])
-        ids, image_text = prompt_inputs(model, model.family.prompt(question), 1)
-        text = model.tokenizer.decode(generate_ids(model, pixels, ids, max_new_tokens, image_text))
-        return Answer(text, text, None, None, {"total": time.perf_counter() - start})
-    crop = crop_inputs(model, image, question)
+        text, _ = plain_answers(model, [image], [question], max_new_tokens)[0]
+        return Answer(text, text, (), None, {"total": time.perf_counter() - start})
+    if isinstance(strategy, MapMethod) and strategy.gate is not None:
+        [(text, confidence)] = plain_answers(model, [image], [question], max_new_tokens)
+        if confidence >= strategy.gate:
+            return Answer(text, text, (), None, {"total": time.perf_counter() - start}, confidence)
+        cropped = answer(model, image, question, strategy.program_method, short_question=short_question,
+                         high_res=high_res, max_new_tokens=max_new_tokens, device_pipeline=device_pipeline)
+        timings = {**cropped.timings, "total": time.perf_counter() - start}
+        return dataclasses.replace(cropped, timings=timings, confidence=confidence)
     static = static_model(model)
     map_question = short_question or question
     if isinstance(strategy, MapMethod):
         if device_pipeline and not (high_res and max(image.size) > HIGH_RES_THRESHOLD):
+            crop = crop_inputs(model, image, question, strategy.crop_counts)
             out = _pipeline.pipeline(static, model.params, map_inputs(model, image, map_question, strategy), crop,
                                      method=strategy, max_new_tokens=max_new_tokens,
                                      reuse_question_pass=short_question is None)
-            return Answer(_decode(model, out.answers.with_crops), _decode(model, out.answers.original),
-                          _box(np.asarray(out.boxes)[0]), np.asarray(out.importance),
-                          {"total": time.perf_counter() - start})
-    box, importance = host_box(model, image, map_question, strategy, high_res=high_res, bbox=bbox, seed=seed)
+            return _pipeline_answer(model, strategy, jax.device_get(out), {"total": time.perf_counter() - start})
+    boxes, importance = host_boxes(model, image, map_question, strategy, high_res=high_res, bbox=bbox, seed=seed)
     map_done = time.perf_counter()
     pixels = pixel_values(model, [image])[0]
     if device_pipeline:
-        tokens = _pipeline.crop_and_answer(static, model.params, pixels, crop, np.asarray([box], np.int32),
+        crop = crop_inputs(model, image, question, (len(boxes),))
+        tokens = _pipeline.crop_and_answer(static, model.params, pixels, crop, np.asarray(boxes, np.int32),
                                            max_new_tokens=max_new_tokens)
         texts = _decode(model, tokens.with_crops), _decode(model, tokens.original)
     else:
-        texts = _host_answers(model, image, question, pixels, box, max_new_tokens)
+        texts = _host_answers(model, image, question, pixels, boxes, max_new_tokens)
     timings = {"map": map_done - start, "answer": time.perf_counter() - map_done, "total": time.perf_counter() - start}
-    return Answer(*texts, _box(box), importance, timings)
+    return Answer(*texts, tuple(_box(box) for box in boxes), importance, timings)
 
 
-def host_box(model: Model, image: PIL.Image.Image, question: str, strategy: Strategy, *, high_res: bool = False,
-             bbox: Sequence[float] | None = None, seed: int = 0) -> tuple[tuple[int, int, int, int], np.ndarray | None]:
-    """(the box a map method or a crop baseline chooses, the map or None), on the host path."""
+def _pipeline_answer(model: Model, strategy: MapMethod, out, timings: dict, index=()) -> Answer:
+    """An Answer from (one record `index` of) a pipeline program's output, on the host."""
+    at = lambda array: np.asarray(array)[index]  # noqa: E731
+    regions = int(at(out.choice.regions))
+    chosen = strategy.candidate_names[int(at(out.choice.candidate))] if strategy.candidate_names else None
+    return Answer(_decode(model, at(out.answers.with_crops)), _decode(model, at(out.answers.original)),
+                  tuple(_box(box) for box in at(out.boxes)[:regions]), at(out.importance), dict(timings),
+                  chosen=chosen)
+
+
+def map_frame(model: Model, image_size: tuple[int, int], strategy: MapMethod) -> Box | None:
+    """The host side of `_pipeline.map_frame`: None as published, or the part of the image the processor keeps."""
+    if strategy.geometry is Geometry.PAPER:
+        return None
+    return _box(model.family.processor_box(np.array([0, 0, *image_size], np.int32)))
+
+
+def host_boxes(model: Model, image: PIL.Image.Image, question: str, strategy: Strategy, *, high_res: bool = False,
+               bbox: Sequence | None = None, seed: int = 0) -> tuple[list[Box], np.ndarray | None]:
+    """(the boxes a map method or a crop baseline chooses, the map or None), on the host path."""
+    if isinstance(strategy, MapMethod) and strategy.candidate_names:
+        raise ValueError(f"method {strategy.name!r} chooses between its maps' answers on the device: it has no "
+                         "single box on the host path (use device_pipeline=True, or one of its map methods "
+                         f"{', '.join(strategy.candidate_names)})")
     if isinstance(strategy, MapMethod):
         importance = importance_map(model, image, question, strategy, high_res=high_res)
-        return select_bbox(importance, image.size, base_size(model)), importance
+        frame = map_frame(model, image.size, strategy)
+        boxes = select_boxes(importance, image.size, base_size(model), max(strategy.crop_counts), frame)
+        if len(strategy.crop_counts) > 1:
+            wanted = outside_mass(importance, boxes[0], image.size, frame) > strategy.second_region_mass
+            boxes = boxes[: strategy.crop_counts[int(wanted)]]
+        return list(boxes), importance
     if isinstance(strategy, FixedCrop):
-        return strategy.box(image.size, base_size(model), bbox, seed), None
+        return strategy.boxes(image.size, base_size(model), bbox, seed), None
     raise ValueError(f"method {strategy.name!r} is neither a map method nor a crop baseline")
 
 
-def _host_answers(model: Model, image: PIL.Image.Image, question: str, pixels: np.ndarray, box,
-                  max_new_tokens: int) -> tuple[str, str]:
-    """The published path: PIL crop, the image processor on the crop, two generations."""
+def plain_answers(model: Model, images: list[PIL.Image.Image], questions: list[str],
+                  max_new_tokens: int) -> list[tuple[str, float]]:
+    """(answer, probability of its first token) of each question over its image alone, in one batched program."""
     family = model.family
-    crop_pixels = pixel_values(model, [image.crop(_box(box))])[0]
-    ids, image_text = prompt_inputs(model, family.prompt(question, 2), 2)
-    with_crop = generate_ids(model, np.stack([pixels, crop_pixels]), ids, max_new_tokens, image_text)
+    prompts = _stack(family.prompt_arrays(model, [family.prompt(q) for q in questions]))
+    tokens, confidence = jax.device_get(_pipeline.plain_batch(static_model(model), model.params,
+                                                              pixel_values(model, images), prompts,
+                                                              max_new_tokens=max_new_tokens))
+    return [(_decode(model, t), float(c)) for t, c in zip(tokens, confidence)]
+
+
+def _host_answers(model: Model, image: PIL.Image.Image, question: str, pixels: np.ndarray, boxes,
+                  max_new_tokens: int) -> tuple[str, str]:
+    """The published path: PIL crops, the image processor on the crops, two generations."""
+    family = model.family
+    crops = pixel_values(model, [image.crop(_box(box)) for box in boxes])
+    ids, image_text = prompt_inputs(model, family.prompt(question, 1 + len(boxes)), 1 + len(boxes))
+    with_crop = generate_ids(model, np.concatenate([pixels[None], crops]), ids, max_new_tokens, image_text)
     ids, image_text = prompt_inputs(model, family.prompt(question, 1), 1)
     original = generate_ids(model, pixels[None], ids, max_new_tokens, image_text)
     return model.tokenizer.decode(with_crop), model.tokenizer.decode(original)
@@ -262,8 +328,7 @@ def batch_inputs(model: Model, images: list[PIL.Image.Image], questions: list[st
                        None if high_pass[0] is None else np.stack(high_pass))
     crop = CropInputs(
         padded, np.stack([size for _, size in arrays]),
-        _stack(family.prompt_arrays(model, [family.prompt(q, 1 + NUM_CROPS) for q in questions],
-                                    num_images=1 + NUM_CROPS)),
+        tuple(_stack(prompts) for prompts in crop_prompts(model, questions, method.crop_counts)),
         _stack(family.prompt_arrays(model, [family.prompt(q) for q in questions])),
     )
     return inputs, crop
@@ -276,7 +341,9 @@ def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[
     """`answer` for many (image, question) pairs: map methods run as one vmapped program per batch.
 
     Images are padded to one size bucket and prompts to one length bucket, so a run compiles once per bucket and
-    batch size (a short last batch is not padded, a very large image runs alone). Baselines and
+    batch size (a short last batch is not padded, a very large image runs alone). With a gate, the plain answers
+    of a batch run first and only the records below the gate go on, as a smaller batch padded to a power of two
+    (so at most log2(batch_size) + 1 batch sizes compile). Baselines and
     high-resolution tiling run record by record. A record that cannot run (an unreadable image, an empty or too
     long question) does not stop the others: they are answered, then `BatchError` lists the failures and holds
     every answer.
@@ -290,7 +357,7 @@ def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[
     failures: list[tuple[int, str]] = []
     ready = []
     for i, (image, question, short) in enumerate(zip(images, questions, short_questions)):
-        problem = question_problem(model, question, max_new_tokens, short)
+        problem = question_problem(model, question, max_new_tokens, short, crops=most_crops(strategy))
         if problem is None:
             try:
                 ready.append((i, load_image(image), question, short))
@@ -322,6 +389,11 @@ def padded_batch_size(count: int, devices: int = 1) -> int:
     return -(-count // devices) * devices
 
 
+def power_of_two(count: int) -> int:
+    """The smallest power of two >= count: the sizes a gated batch's cropped part runs at."""
+    return 1 << max(count - 1, 0).bit_length()
+
+
 def image_groups(images: Sequence[PIL.Image.Image]) -> list[list[int]]:
     """Positions of a batch's images that run together: all but the very large ones, which run alone, so that
     one large image does not pad every other image of its batch to its size."""
@@ -334,26 +406,47 @@ def run_padded_batch(model: Model, images: list[PIL.Image.Image], questions: lis
                      method: MapMethod, max_new_tokens: int, batch_size: int,
                      mesh: jax.sharding.Mesh | None = None) -> list[Answer]:
     """Vmapped pipeline calls for up to `batch_size` records: one for the images of ordinary size, one per very
-    large image (`image_groups`), each padded only to a multiple of the mesh's devices.
+    large image (`image_groups`), each padded only to a multiple of the mesh's devices. With a gate, the plain
+    answers of all records first (one program), then the pipeline for those below the gate only.
 
     With a mesh (axis "data"), a batch is split over its devices; the model's parameters are used where they
     are (replicate them over the mesh once per run, as `vicrop-jax eval` does).
     """
     if len(questions) > batch_size:
         raise ValueError(f"{len(questions)} records for a batch of {batch_size}")
+    if method.gate is None:
+        return _run_groups(model, images, questions, map_questions, method, max_new_tokens, mesh)
+    start = time.perf_counter()
+    plain = plain_answers(model, images, questions, max_new_tokens)
+    plain_share = (time.perf_counter() - start) / len(questions)
+    crop = [i for i, (_, confidence) in enumerate(plain) if confidence < method.gate]
+    answers = [Answer(text, text, (), None, {"total": plain_share}, confidence) for text, confidence in plain]
+    cropped = _run_groups(model, [images[i] for i in crop], [questions[i] for i in crop],
+                          [map_questions[i] for i in crop], method.program_method, max_new_tokens, mesh,
+                          pad_to=power_of_two) if crop else []
+    for i, result in zip(crop, cropped):
+        answers[i] = dataclasses.replace(result, confidence=plain[i][1],
+                                         timings={**result.timings, "total": plain_share + result.timings["total"]})
+    return answers
+
+
+def _run_groups(model: Model, images: list[PIL.Image.Image], questions: list[str], map_questions: list[str],
+                method: MapMethod, max_new_tokens: int, mesh: jax.sharding.Mesh | None,
+                pad_to=lambda count: count) -> list[Answer]:
     answers: list[Answer | None] = [None] * len(questions)
     for group in image_groups(images):
         for i, result in zip(group, _run_group(model, [images[i] for i in group], [questions[i] for i in group],
-                                               [map_questions[i] for i in group], method, max_new_tokens, mesh)):
+                                               [map_questions[i] for i in group], method, max_new_tokens, mesh,
+                                               pad_to)):
             answers[i] = result
     return answers
 
 
 def _run_group(model: Model, images: list[PIL.Image.Image], questions: list[str], map_questions: list[str],
-               method: MapMethod, max_new_tokens: int, mesh: jax.sharding.Mesh | None) -> list[Answer]:
+               method: MapMethod, max_new_tokens: int, mesh: jax.sharding.Mesh | None, pad_to) -> list[Answer]:
     start = time.perf_counter()
     count = len(questions)
-    fill = padded_batch_size(count, 1 if mesh is None else mesh.size) - count
+    fill = padded_batch_size(pad_to(count), 1 if mesh is None else mesh.size) - count
     records = batch_inputs(model, images + images[-1:] * fill, questions + questions[-1:] * fill,
                            map_questions + map_questions[-1:] * fill, method)
     if mesh is not None:
@@ -364,8 +457,4 @@ def _run_group(model: Model, images: list[PIL.Image.Image], questions: list[str]
     ))
     elapsed = time.perf_counter() - start
     timings = {"total": elapsed / count, "batch": elapsed, "batch_records": count}  # this record's share, the batch
-    return [
-        Answer(_decode(model, out.answers.with_crops[i]), _decode(model, out.answers.original[i]),
-               _box(out.boxes[i, 0]), out.importance[i], dict(timings))
-        for i in range(count)
-    ]
+    return [_pipeline_answer(model, method, out, timings, i) for i in range(count)]

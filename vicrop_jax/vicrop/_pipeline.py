@@ -1,11 +1,15 @@
 """ViCrop's device programs: map -> box -> crops -> encode the original and the crops -> both answers, jitted.
 
 Nothing here asks which family or which method it runs: the family (`StaticModel.family`) says whether a prefix
-is shared and how a box maps onto what the processor keeps; the method value says how its map is made. The
-answer step takes any number K of crop boxes [K, 4] (static per program): the crops join the original as extra
-images of one prompt. The programs compile once per (image bucket, prompt bucket, method value, model).
+is shared and how a box maps onto what the processor keeps; the method value says how its maps are made, how
+many boxes each gives (K, static per program) and which answer to keep. A method makes M candidate maps (one,
+or rel-att's and grad-att's for method "auto"); each gives K boxes, the paper's rule with the earlier boxes'
+cells suppressed; its crops join the original as extra images of one prompt, prefilled once per crop count the
+method allows (K, or 1 and 2 for regions="auto", where the map's mass outside the first box picks); of several
+candidates, the answer whose first token is the most probable is decoded. The programs compile once per (image
+bucket, prompt bucket, method value, model).
 
-Axis letters: K crops, V vocabulary, D LM width.
+Axis letters: M candidate maps, K crops, V vocabulary, D LM width.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from jaxlib.version import __version_info__ as jaxlib_version
 from vicrop_jax._generation import encode_images
 from vicrop_jax.families import PromptArrays
 from vicrop_jax.nn.decoding import decode_from, prefill, stack_prompts
-from vicrop_jax.vicrop.boxes import crop_and_resize_jax, select_bbox_jax
+from vicrop_jax.vicrop.boxes import crop_and_resize_jax, outside_mass_jax, select_boxes_jax
 from vicrop_jax.vicrop.maps import PrefixMap, StaticModel, prefill_prefix, run_plain, split_prompt, suffix_run
-from vicrop_jax.vicrop.methods import MapMethod
+from vicrop_jax.vicrop.methods import Geometry, MapMethod
 
 # Under differentiation the model's layers keep only their inputs and recompute the rest (`nn.remat`). XLA's
 # default CPU scheduler runs independent work as early as it can, for concurrency, and so recomputes every
@@ -50,7 +54,7 @@ class CropInputs(NamedTuple):
 
     image: jax.Array  # [Hb, Wb, 3] uint8 full-resolution pixels, zero-padded to a size bucket
     image_size: jax.Array  # [2] the true (W, H)
-    crop_prompt: PromptArrays  # the prompt over the original and the crops
+    crop_prompts: tuple[PromptArrays, ...]  # the prompt over the original and c crops, per c of `crop_counts`
     original_prompt: PromptArrays  # the prompt over the original alone
 
 
@@ -67,10 +71,19 @@ class AnswerTokens(NamedTuple):
     original: jax.Array  # [..., max_new_tokens]
 
 
+class Choice(NamedTuple):
+    """What a record's program chose where a method leaves it open (fixed to 0 and K otherwise)."""
+
+    candidate: jax.Array  # [...] the map whose crops answered (`MapMethod.candidate_names`)
+    regions: jax.Array  # [...] how many of its boxes were cropped
+    confidence: jax.Array  # [...] the probability of the first answer token with those crops
+
+
 class PipelineOutput(NamedTuple):
-    importance: jax.Array  # [..., gh, gw]
-    boxes: jax.Array  # [..., K, 4] (left, top, right, bottom) in original pixels
+    importance: jax.Array  # [..., gh, gw] the chosen candidate's map
+    boxes: jax.Array  # [..., K, 4] (left, top, right, bottom) in original pixels, the first `choice.regions` cropped
     answers: AnswerTokens
+    choice: Choice
 
 
 def normalize_crop(crop: jax.Array, normalization: tuple) -> jax.Array:
@@ -92,39 +105,73 @@ def crop_pixels(static: StaticModel, crop: CropInputs, boxes: jax.Array, dtype) 
     return jnp.stack([one(boxes[k]) for k in range(boxes.shape[0])])
 
 
-def answer_passes(static: StaticModel, params, pixels, crops, crop: CropInputs, cache_length: int,
-                  prefix: PrefixMap | None = None, reuse_question_pass: bool = False) -> AnswerPasses:
-    """Encode the original and the crops [K,H,W,3], prefill both answers' prompts.
+def first_token_confidence(logits: jax.Array) -> jax.Array:
+    """The probability of the greedy first token, from the logits [..., V] at the last prompt position."""
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).max(axis=-1)
 
+
+def _take(tree, index):
+    return jax.tree_util.tree_map(lambda leaf: leaf[index], tree)
+
+
+def answer_passes(static: StaticModel, params, pixels, boxes, crop: CropInputs, cache_length: int,
+                  counts: tuple[int, ...], count_choice: jax.Array, prefix: PrefixMap | None = None,
+                  reuse_question_pass: bool = False) -> tuple[AnswerPasses, Choice]:
+    """Crop each candidate's boxes [M, K, 4], encode the original and the crops, prefill both answers' prompts.
+
+    Candidate m answers with its first c crops, c = `counts[count_choice[m]]` (`crop.crop_prompts` holds one
+    prompt per count); of several candidates, the one whose first answer token is the most probable is kept.
     Where the family shares a prefix, it is prefilled once (or taken from the map's `prefix`) and each prompt
     runs its suffix; the original answer reuses the map's question pass when asked to.
     """
-    module, prompt = static.module, crop.crop_prompt
+    module, (candidates, regions) = static.module, boxes.shape[:2]
     encode = functools.partial(encode_images, module, params)
+    crops = jnp.concatenate([crop_pixels(static, crop, boxes[m], pixels.dtype) for m in range(candidates)])
+    question_pass, cache = None, None
     if static.prefix_length is None:
         images = jnp.concatenate([pixels[None], crops])
-        text = tuple(jnp.broadcast_to(t, (images.shape[0], *t.shape)) for t in prompt.image_text)
+        text = tuple(jnp.broadcast_to(t, (images.shape[0], *t.shape)) for t in crop.original_prompt.image_text)
         features = encode(images, *text)
-        passes = stack_prompts(
-            prefill(module, params, prompt.ids, prompt.length, features.reshape(-1, features.shape[-1]), cache_length),
-            prefill(module, params, crop.original_prompt.ids, crop.original_prompt.length, features[0], cache_length),
-        )
-        return AnswerPasses(*passes, jnp.stack([prompt.length, crop.original_prompt.length]))
-    question_pass = None
-    if prefix is None:
+        original, crop_features = features[0], features[1:]
+    elif prefix is None:
         features = encode(jnp.concatenate([pixels[None], crops]))
         original, crop_features = features[0], features[1:]
-        cache = prefill_prefix(module, params, original, prompt.ids[: static.prefix_length], cache_length)
+        cache = prefill_prefix(module, params, original, crop.original_prompt.ids[: static.prefix_length],
+                               cache_length)
     else:
         original, cache, crop_features = prefix.features, prefix.cache, encode(crops)
         question_pass = prefix.question_pass if reuse_question_pass else None
-    suffix = lambda p, features: run_plain(  # noqa: E731
-        module, params, suffix_run(cache, static.prefix_length, *split_prompt(p, static.prefix_length), features))
-    crop_pass = suffix(prompt, crop_features.reshape(-1, crop_features.shape[-1]))
+    crop_features = crop_features.reshape(candidates, regions, *crop_features.shape[1:])
+
+    def prompt_pass(prompt: PromptArrays, image_features):
+        flat = image_features.reshape(-1, image_features.shape[-1])
+        if cache is None:
+            return prefill(module, params, prompt.ids, prompt.length, flat, cache_length)
+        return tuple(run_plain(module, params, suffix_run(cache, static.prefix_length,
+                                                          *split_prompt(prompt, static.prefix_length), flat)))
+
+    def with_crops(m):
+        """Candidate m's pass with the crop count it chose: all counts prefilled, one kept."""
+        passes = [prompt_pass(prompt, jnp.concatenate([original[None], crop_features[m, :count]])
+                              if cache is None else crop_features[m, :count])
+                  for prompt, count in zip(crop.crop_prompts, counts)]
+        lengths = jnp.stack([prompt.length for prompt in crop.crop_prompts])
+        if len(passes) == 1:
+            return passes[0], lengths[0]
+        return _take(stack_prompts(*passes), count_choice[m]), lengths[count_choice[m]]
+
+    chosen = [with_crops(m) for m in range(candidates)]
+    if candidates == 1:
+        (crop_pass, length), pick = chosen[0], jnp.int32(0)
+    else:
+        confidences = jnp.stack([first_token_confidence(logits) for (logits, _), _ in chosen])
+        pick = jnp.argmax(confidences).astype(jnp.int32)
+        crop_pass, length = _take(stack_prompts(*chosen), pick)
     if question_pass is None:
-        question_pass = suffix(crop.original_prompt, original)
+        question_pass = prompt_pass(crop.original_prompt, original)
     logits, caches = stack_prompts(tuple(crop_pass), tuple(question_pass))
-    return AnswerPasses(logits, caches, jnp.stack([prompt.length, crop.original_prompt.length]))
+    choice = Choice(pick, jnp.asarray(counts, jnp.int32)[count_choice[pick]], first_token_confidence(logits[0]))
+    return AnswerPasses(logits, caches, jnp.stack([length, crop.original_prompt.length])), choice
 
 
 def decode_answers(static: StaticModel, params, passes: AnswerPasses, max_new_tokens: int) -> AnswerTokens:
@@ -145,15 +192,34 @@ def map_program(static: StaticModel, params, inputs: MapInputs, cache_length: in
     return prefix.importance, prefix
 
 
+def map_frame(static: StaticModel, image_size: jax.Array, method: MapMethod) -> jax.Array | None:
+    """The part of the image [4] the map is laid on: the whole image as published (None), or with
+    `geometry="exact"` the part the family's processor keeps (LLaVA: the centre square)."""
+    if method.geometry is Geometry.PAPER:
+        return None
+    width, height = image_size[0], image_size[1]
+    return static.family.processor_box(jnp.stack([0, 0, width, height]).astype(jnp.int32))
+
+
 def _map_passes(static: StaticModel, params, inputs: MapInputs, crop: CropInputs, *, method: MapMethod,
                 max_new_tokens: int, reuse_question_pass: bool):
-    """map -> box -> crop -> the answers' prefills for one record, as traced device code."""
-    cache_length = crop.crop_prompt.ids.shape[0] + max_new_tokens
+    """map(s) -> boxes -> crops -> the answers' prefills for one record, as traced device code."""
+    cache_length = max(prompt.ids.shape[0] for prompt in crop.crop_prompts) + max_new_tokens
     importance, prefix = map_program(static, params, inputs, cache_length, method)
-    boxes = select_bbox_jax(importance, crop.image_size, static.config.image_size)[None]
-    crops = crop_pixels(static, crop, boxes, inputs.pixels.dtype)
-    passes = answer_passes(static, params, inputs.pixels, crops, crop, cache_length, prefix, reuse_question_pass)
-    return importance, boxes, passes
+    maps = importance.reshape(-1, *importance.shape[-2:])  # [M, gh, gw]: one per candidate
+    frame = map_frame(static, crop.image_size, method)
+    counts = method.crop_counts
+    boxes = jnp.stack([select_boxes_jax(m, crop.image_size, static.config.image_size, max(counts), frame)
+                       for m in maps])
+    if len(counts) == 1:
+        count_choice = jnp.zeros(len(maps), jnp.int32)
+    else:  # regions="auto": the second box when the map's mass outside the first passes the threshold
+        count_choice = jnp.stack([
+            (outside_mass_jax(m, b[0], crop.image_size, frame) > method.second_region_mass).astype(jnp.int32)
+            for m, b in zip(maps, boxes)])
+    passes, choice = answer_passes(static, params, inputs.pixels, boxes, crop, cache_length, counts, count_choice,
+                                   prefix, reuse_question_pass)
+    return maps[choice.candidate], boxes[choice.candidate], passes, choice
 
 
 def _jit_per_method(fun, **jit_options):
@@ -174,10 +240,11 @@ _STATIC = ("static", "method", "max_new_tokens", "reuse_question_pass")
 @functools.partial(_jit_per_method, static_argnames=_STATIC)
 def pipeline(static: StaticModel, params, inputs: MapInputs, crop: CropInputs, *, method: MapMethod,
              max_new_tokens: int, reuse_question_pass: bool) -> PipelineOutput:
-    """map -> box -> crop -> (map, boxes, answers with the crop and without) for one record."""
-    importance, boxes, passes = _map_passes(static, params, inputs, crop, method=method, max_new_tokens=max_new_tokens,
-                                            reuse_question_pass=reuse_question_pass)
-    return PipelineOutput(importance, boxes, decode_answers(static, params, passes, max_new_tokens))
+    """map -> boxes -> crops -> (map, boxes, answers with the crops and without, choices) for one record."""
+    importance, boxes, passes, choice = _map_passes(static, params, inputs, crop, method=method,
+                                                    max_new_tokens=max_new_tokens,
+                                                    reuse_question_pass=reuse_question_pass)
+    return PipelineOutput(importance, boxes, decode_answers(static, params, passes, max_new_tokens), choice)
 
 
 @functools.partial(_jit_per_method, static_argnames=_STATIC)
@@ -187,8 +254,23 @@ def pipeline_batch(static: StaticModel, params, inputs: MapInputs, crop: CropInp
     then one decoding loop for all 2 x batch answers."""
     one = functools.partial(_map_passes, static, params, method=method, max_new_tokens=max_new_tokens,
                             reuse_question_pass=reuse_question_pass)
-    importance, boxes, passes = jax.vmap(one)(inputs, crop)
-    return PipelineOutput(importance, boxes, decode_answers(static, params, passes, max_new_tokens))
+    importance, boxes, passes, choice = jax.vmap(one)(inputs, crop)
+    return PipelineOutput(importance, boxes, decode_answers(static, params, passes, max_new_tokens), choice)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "max_new_tokens"))
+def plain_batch(static: StaticModel, params, pixels, prompt: PromptArrays, *, max_new_tokens: int):
+    """The plain answers of a batch (pixels [B,H,W,3], prompts over the original alone) -> (tokens [B, T], the
+    probability of each first token [B]): a gate's first step."""
+    cache_length = prompt.ids.shape[-1] + max_new_tokens
+
+    def one(pixels, prompt):
+        features = encode_images(static.module, params, pixels[None], *(t[None] for t in prompt.image_text))[0]
+        return prefill(static.module, params, prompt.ids, prompt.length, features, cache_length)
+
+    logits, caches = jax.vmap(one)(pixels, prompt)
+    tokens = decode_from(static.module, params, logits, caches, prompt.length, max_new_tokens, static.eos_ids)
+    return tokens, first_token_confidence(logits)
 
 
 @functools.partial(_jit_per_method, static_argnames=("static", "method"))
@@ -205,14 +287,16 @@ def whole_prompt_program(static: StaticModel, params, inputs: MapInputs, *, meth
 
 @functools.partial(jax.jit, static_argnames=("static", "max_new_tokens"))
 def crop_and_answer(static: StaticModel, params, pixels, crop: CropInputs, boxes, *, max_new_tokens: int):
-    """Crop given boxes [K,4], encode the original and the crops, both answers."""
-    crops = crop_pixels(static, crop, boxes, pixels.dtype)
-    passes = answer_passes(static, params, pixels, crops, crop, crop.crop_prompt.ids.shape[0] + max_new_tokens)
+    """Crop given boxes [K,4], encode the original and the crops, both answers (`crop.crop_prompts`: the
+    prompt over the original and the K crops)."""
+    cache_length = crop.crop_prompts[0].ids.shape[0] + max_new_tokens
+    passes, _ = answer_passes(static, params, pixels, boxes[None], crop, cache_length, (boxes.shape[0],),
+                              jnp.zeros(1, jnp.int32))
     return decode_answers(static, params, passes, max_new_tokens)
 
 
 def compiled_programs() -> int:
     """How many programs the pipeline has compiled so far (a second question of the same shapes adds none)."""
     jitted = [*pipeline.programs, *pipeline_batch.programs, *importance_program.programs,
-              *whole_prompt_program.programs, crop_and_answer]
+              *whole_prompt_program.programs, crop_and_answer, plain_batch]
     return sum(program._cache_size() for program in jitted)

@@ -23,6 +23,16 @@ tolerance:
   value is an integer and W/gw is not a binary fraction (e.g. W = 640, gw = 24), and no float32 arithmetic can
   reproduce float64's rounding. It moves the box by one pixel in about 1% of random cases (measured in the tests).
 
+A `frame` (left, top, right, bottom) says which part of the image the map's grid covers, e.g. the centre square a
+CLIP processor keeps (None: the whole image, the published case, where the box is the same bit for bit). Windows
+are counted in the frame's pixels and the centre is the frame's origin plus the exact centre within the frame; the
+clamp is to the whole image, so a box may reach past the frame into the rest of the image.
+
+Several regions (`select_boxes`): box k is the published rule on the map with every cell that meets boxes 0..k-1 set
+to the map's minimum (`suppress`), and `outside_mass` is the share of the positive mass a box leaves out, to tell
+whether another region is worth a crop. Which cells meet a box is decided in integers, and the device runs
+`_pairwise_sum` itself for the mass, so these too agree bit for bit.
+
 Accelerators flush float32 subnormals to zero, so both sides treat map values below 1.2e-38 in magnitude as 0.
 Image sizes are (W, H) and boxes (left, top, right, bottom), PIL's crop convention, everywhere.
 """
@@ -73,6 +83,35 @@ def _as_base(base_size: int) -> int:
     return base
 
 
+def _as_box(box: Sequence[int], name: str = "box") -> Box:
+    """(left, top, right, bottom) as Python ints; rejects anything that is not four integers."""
+    try:
+        left, top, right, bottom = (operator.index(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be four integers (left, top, right, bottom), got {box!r}") from None
+    return left, top, right, bottom
+
+
+def _as_frame(frame: Sequence[int] | None, width: int, height: int) -> Box:
+    """The frame as Python ints, the whole image for None; rejects one that is empty or leaves the image."""
+    if frame is None:
+        return 0, 0, width, height
+    left, top, right, bottom = _as_box(frame, "frame")
+    if not (0 <= left < right <= width and 0 <= top < bottom <= height):
+        raise ValueError(f"frame must be a non-empty box inside the {width}x{height} image, got {frame!r}")
+    return left, top, right, bottom
+
+
+def _as_regions(regions: int) -> int:
+    try:
+        count = operator.index(regions)
+    except TypeError:
+        raise ValueError(f"regions must be a positive integer, got {regions!r}") from None
+    if count <= 0:
+        raise ValueError(f"regions must be positive, got {count}")
+    return count
+
+
 def _window_cells(base_size: int, ratio: float, side: int, cells: int) -> int:
     """Cells spanned by a B*r window along one axis: the published float64 expression, capped at the grid."""
     return min(int(base_size * ratio / (side / cells)), cells)
@@ -83,25 +122,50 @@ def _half(base_size: int, ratio: float) -> int:
     return int((base_size * ratio) // 2)
 
 
+def _cells_in_box(shape: tuple[int, int], box, frame, xp) -> np.ndarray | jax.Array:
+    """[gh, gw] bool: the cells whose span in the frame meets the box, for host (xp = np) and device (xp = jnp)."""
+    rows, cols = shape
+    left, top, right, bottom = box
+    x0, y0, x1, y1 = frame
+    return _meets(top, bottom, y0, y1 - y0, rows, xp)[:, None] & _meets(left, right, x0, x1 - x0, cols, xp)[None, :]
+
+
+def _meets(low, high, origin, side, cells: int, xp):
+    """[cells] bool: cell j, [origin + j*side/cells, origin + (j+1)*side/cells), meets [low, high).
+
+    The half-open spans intersect when each starts before the other ends; scaled by `cells`, the comparisons are
+    between integers, so no rounding can make host and device disagree.
+    """
+    j = xp.arange(cells)
+    return (low < high) & (j * side < (high - origin) * cells) & ((low - origin) * cells < (j + 1) * side)
+
+
 # ------------------------------------------------------------------------------------------ host reference
 
 
-def select_bbox(importance: np.ndarray, image_size: tuple[int, int], base_size: int) -> Box:
+def select_bbox(
+    importance: np.ndarray, image_size: tuple[int, int], base_size: int, frame: Sequence[int] | None = None
+) -> Box:
     """The crop box for an importance map over the image (docs/method.md (Box selection), paper-exact).
 
     Tries windows of B*r pixels for r in RATIOS, keeps for each the cell position with the largest sum (first in
     x-major order), and picks the r whose maximum stands out most from its neighbours (first on ties). Returns the
     whole image when even r = 1 covers the grid. A grid cell wider or taller than B gives an empty window at r = 1;
     the published code then divides 0 by 0 and numpy's argmax takes the NaN, so r = 1 at cell (0, 0) wins. Kept.
+
+    The grid covers `frame` (left, top, right, bottom), the whole image for None: windows are counted in the
+    frame's pixels, the box is centred in the frame and clamped to the whole image. A frame that r = 1 covers
+    gives the whole image too: the map cannot tell one part of it from another.
     """
     grid = _as_map(importance)
     width, height = _as_size(image_size)
     base = _as_base(base_size)
+    x0, y0, x1, y1 = _as_frame(frame, width, height)
     rows, cols = grid.shape
     best = None
     for k, ratio in enumerate(RATIOS):
-        nx = _window_cells(base, ratio, width, cols)
-        ny = _window_cells(base, ratio, height, rows)
+        nx = _window_cells(base, ratio, x1 - x0, cols)
+        ny = _window_cells(base, ratio, y1 - y0, rows)
         if nx == cols and ny == rows:
             if k == 0:
                 return 0, 0, width, height
@@ -113,9 +177,54 @@ def select_bbox(importance: np.ndarray, image_size: tuple[int, int], base_size: 
             best = (sharpness, ratio, px, py, nx, ny)
     _, ratio, px, py, nx, ny = best
     half = _half(base, ratio)
-    left, right = _span(_centre(px, nx, width, cols), half, width)
-    top, bottom = _span(_centre(py, ny, height, rows), half, height)
+    left, right = _span(x0 + _centre(px, nx, x1 - x0, cols), half, width)
+    top, bottom = _span(y0 + _centre(py, ny, y1 - y0, rows), half, height)
     return left, top, right, bottom
+
+
+def suppress(
+    importance: np.ndarray, box: Sequence[int], image_size: tuple[int, int], frame: Sequence[int] | None = None
+) -> np.ndarray:
+    """The map (float32, subnormals flushed) with every cell that meets `box` set to the map's minimum.
+
+    Cell j of gw spans x in [x0 + j*fw/gw, x0 + (j+1)*fw/gw), with x0 and fw the frame's left and width (y alike),
+    and meets the box [left, right) x [top, bottom) where the two intersect: the next selection looks elsewhere.
+    """
+    grid = _as_map(importance)
+    hit = _cells_in_box(grid.shape, _as_box(box), _as_frame(frame, *_as_size(image_size)), np)
+    return np.where(hit, grid.min(), grid)
+
+
+def select_boxes(
+    importance: np.ndarray,
+    image_size: tuple[int, int],
+    base_size: int,
+    regions: int = 1,
+    frame: Sequence[int] | None = None,
+) -> list[Box]:
+    """`regions` boxes: box k is `select_bbox` of the map with the cells of boxes 0..k-1 suppressed (`suppress`)."""
+    grid = _as_map(importance)
+    found = []
+    for _ in range(_as_regions(regions)):
+        found.append(select_bbox(grid, image_size, base_size, frame))
+        grid = suppress(grid, found[-1], image_size, frame)
+    return found
+
+
+def outside_mass(
+    importance: np.ndarray, box: Sequence[int], image_size: tuple[int, int], frame: Sequence[int] | None = None
+) -> float:
+    """The share of the map's positive mass, sum of max(map, 0), in cells that do not meet `box` (0 for no mass).
+
+    Both sums are float32 `_pairwise_sum`s in row-major order, as on the device. Rounding never decreases a sum
+    when a term grows, so the part is at most the whole and the share lies in [0, 1].
+    """
+    grid = _as_map(importance)
+    hit = _cells_in_box(grid.shape, _as_box(box), _as_frame(frame, *_as_size(image_size)), np)
+    positive = np.where(grid > 0, grid, np.float32(0.0)).reshape(-1)
+    total = _pairwise_sum(positive)
+    outside = _pairwise_sum(np.where(hit.reshape(-1), np.float32(0.0), positive))
+    return float(outside / total) if total > 0 else 0.0
 
 
 def _as_map(importance: np.ndarray) -> np.ndarray:
@@ -136,8 +245,9 @@ def _window_sums(grid: np.ndarray, nx: int, ny: int) -> np.ndarray:
     return _pairwise_sum(windows.reshape(rows - ny + 1, cols - nx + 1, ny * nx))
 
 
-def _pairwise_sum(values: np.ndarray) -> np.ndarray:
-    """numpy's float32 pairwise summation along the last axis, written out so the device can repeat it.
+def _pairwise_sum(values: np.ndarray, xp=np) -> np.ndarray:
+    """numpy's float32 pairwise summation along the last axis, written out so the device can repeat it (xp = jnp
+    runs it as is on a static length; `_window_sums_jax` does it for traced window sizes).
 
     Runs longer than PAIRWISE_BLOCK are split at n2 = n//2 - (n//2) % UNROLL and the halves' sums added; a block
     sums its first n - n % UNROLL values in UNROLL running accumulators, adds those as a tree, then the rest in
@@ -146,9 +256,9 @@ def _pairwise_sum(values: np.ndarray) -> np.ndarray:
     n = values.shape[-1]
     if n > PAIRWISE_BLOCK:
         split = n // 2 - (n // 2) % UNROLL
-        return _pairwise_sum(values[..., :split]) + _pairwise_sum(values[..., split:])
+        return _pairwise_sum(values[..., :split], xp) + _pairwise_sum(values[..., split:], xp)
     if n < UNROLL:
-        total = np.zeros(values.shape[:-1], np.float32)
+        total = xp.zeros(values.shape[:-1], xp.float32)
         for i in range(n):
             total = total + values[..., i]
         return total
@@ -193,12 +303,15 @@ def _span(centre: int, half: int, side: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- device path
 
 
-def select_bbox_jax(importance: jax.Array, image_size: jax.Array, base_size: int) -> jax.Array:
+def select_bbox_jax(
+    importance: jax.Array, image_size: jax.Array, base_size: int, frame: jax.Array | None = None
+) -> jax.Array:
     """`select_bbox` with fixed shapes: importance [gh, gw], image_size [2] int (W, H) -> box [4] int32.
 
-    jit- and vmap-able with a traced image size, so images of any size share one program per grid shape and
-    base size (base_size is static). All ratios are evaluated at once, with masks for the positions where a window
-    does not fit. NaN in the map gives an unspecified box (the host version raises).
+    jit- and vmap-able with a traced image size and frame ([4] int, or None for the whole image), so images of any
+    size share one program per grid shape and base size (base_size is static). All ratios are evaluated at once,
+    with masks for the positions where a window does not fit. NaN in the map or a frame that is empty or leaves
+    the image gives an unspecified box (the host version raises).
     """
     grid = jnp.asarray(importance, jnp.float32)
     if grid.ndim != 2:
@@ -207,8 +320,9 @@ def select_bbox_jax(importance: jax.Array, image_size: jax.Array, base_size: int
     rows, cols = grid.shape
     size = jnp.asarray(image_size).astype(jnp.int32)
     width, height = size[0], size[1]
-    nx = _window_cells_jax(width, base, cols)  # [R]
-    ny = _window_cells_jax(height, base, rows)  # [R]
+    x0, y0, x1, y1 = _frame_jax(frame, size)
+    nx = _window_cells_jax(x1 - x0, base, cols)  # [R]
+    ny = _window_cells_jax(y1 - y0, base, rows)  # [R]
     sums = jax.vmap(_window_sums_jax, in_axes=(None, 0, 0))(grid, nx, ny)  # [R, gh, gw]
     fits = (jnp.arange(cols) <= (cols - nx)[:, None, None]) & (jnp.arange(rows)[:, None] <= (rows - ny)[:, None, None])
     x_major = jnp.where(fits, sums, -jnp.inf).transpose(0, 2, 1).reshape(len(RATIOS), -1)
@@ -218,15 +332,66 @@ def select_bbox_jax(importance: jax.Array, image_size: jax.Array, base_size: int
     key = jnp.where(covers, -jnp.inf, jnp.where(nx * ny == 0, jnp.inf, sharpness))
     k = jnp.argmax(key)
     half = jnp.asarray([_half(base, r) for r in RATIOS], jnp.int32)[k]
-    left, right = _span_jax(width * (2 * px[k] + nx[k]) // (2 * cols), half, width)
-    top, bottom = _span_jax(height * (2 * py[k] + ny[k]) // (2 * rows), half, height)
+    left, right = _span_jax(x0 + (x1 - x0) * (2 * px[k] + nx[k]) // (2 * cols), half, width)
+    top, bottom = _span_jax(y0 + (y1 - y0) * (2 * py[k] + ny[k]) // (2 * rows), half, height)
     box = jnp.stack([left, top, right, bottom])
     return jnp.where(covers[0], jnp.stack([0, 0, width, height]), box).astype(jnp.int32)
 
 
+def suppress_jax(
+    importance: jax.Array, box: jax.Array, image_size: jax.Array, frame: jax.Array | None = None
+) -> jax.Array:
+    """`suppress` with fixed shapes: importance [gh, gw], box [4] int, image_size [2] int -> [gh, gw] float32."""
+    grid = _flush_jax(jnp.asarray(importance, jnp.float32))
+    size = jnp.asarray(image_size).astype(jnp.int32)
+    hit = _cells_in_box(grid.shape, jnp.asarray(box).astype(jnp.int32), _frame_jax(frame, size), jnp)
+    return jnp.where(hit, jnp.min(grid), grid)
+
+
+def select_boxes_jax(
+    importance: jax.Array, image_size: jax.Array, base_size: int, regions: int, frame: jax.Array | None = None
+) -> jax.Array:
+    """`select_boxes` with fixed shapes: boxes [regions, 4] int32; regions, like base_size, is static.
+
+    A scan over the regions, so one `select_bbox_jax` is compiled however many there are.
+    """
+
+    def step(grid, _):
+        box = select_bbox_jax(grid, image_size, base_size, frame)
+        return suppress_jax(grid, box, image_size, frame), box
+
+    _, found = jax.lax.scan(step, jnp.asarray(importance, jnp.float32), length=_as_regions(regions))
+    return found
+
+
+def outside_mass_jax(
+    importance: jax.Array, box: jax.Array, image_size: jax.Array, frame: jax.Array | None = None
+) -> jax.Array:
+    """`outside_mass` with fixed shapes: a float32 scalar, the host's value bit for bit."""
+    grid = _flush_jax(jnp.asarray(importance, jnp.float32))
+    size = jnp.asarray(image_size).astype(jnp.int32)
+    hit = _cells_in_box(grid.shape, jnp.asarray(box).astype(jnp.int32), _frame_jax(frame, size), jnp)
+    positive = jnp.where(grid > 0, grid, 0.0).reshape(-1)
+    total = _pairwise_sum(positive, jnp)
+    outside = _pairwise_sum(jnp.where(hit.reshape(-1), 0.0, positive), jnp)
+    return jnp.where(total > 0, outside / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def _frame_jax(frame: jax.Array | None, size: jax.Array) -> jax.Array:
+    """[4] int32 (left, top, right, bottom): the frame, or the whole image for None."""
+    if frame is None:
+        return jnp.concatenate([jnp.zeros(2, jnp.int32), size])
+    return jnp.asarray(frame).astype(jnp.int32)
+
+
+def _flush_jax(grid: jax.Array) -> jax.Array:
+    """Subnormals to 0, as `_as_map` does on the host."""
+    return jnp.where(jnp.abs(grid) < jnp.finfo(jnp.float32).tiny, 0.0, grid)
+
+
 @functools.cache
 def _cell_thresholds(base_size: int, cells: int) -> np.ndarray:
-    """[R, cells]: entry (k, n-1) is the largest image side whose window for RATIOS[k] spans >= n cells (0: none).
+    """[R, cells]: entry (k, n-1) is the largest (frame) side whose window for RATIOS[k] spans >= n cells (0: none).
 
     `_window_cells` never grows with the side, so counting the thresholds a side is <= to reproduces it exactly,
     float64 rounding included, with int32 comparisons on the device.
@@ -255,7 +420,7 @@ def _window_sums_jax(grid: jax.Array, nx: jax.Array, ny: jax.Array) -> jax.Array
     the leaves' block sums combine bit for bit. Entries where the window does not fit are garbage (masked later).
     """
     rows, cols = grid.shape
-    flat = jnp.where(jnp.abs(grid) < jnp.finfo(jnp.float32).tiny, 0.0, grid).reshape(-1)
+    flat = _flush_jax(grid).reshape(-1)
     starts = jnp.arange(rows * cols)
     run = jnp.maximum(nx, 1)
     offsets, lengths = _pairwise_leaves(nx * ny, rows * cols)

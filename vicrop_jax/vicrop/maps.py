@@ -51,7 +51,7 @@ class QuestionPass(NamedTuple):
 class PrefixMap(NamedTuple):
     """A map computed from the shared prefix, with what the answers reuse."""
 
-    importance: jax.Array  # [gh, gw]
+    importance: jax.Array  # [gh, gw], or [M, gh, gw] for a method of M candidate maps
     features: jax.Array  # [P, D] of the original image
     cache: KVCache  # the prefix, in a cache of the answers' length
     question_pass: QuestionPass | None  # None when the method ran no question pass the answers can take
@@ -112,6 +112,13 @@ def captured_attention(module: nn.Module, params: Any, run: Run):
 def attention_times_gradient(module: nn.Module, params: Any, run: Run, clip_negative: bool):
     """(reader of A * relu(dS/dA) by name, (logits, aux)) of one pass: grad-att's factors for every captured
     attention; without the relu when clip_negative is False."""
+    _, weighted, outputs = attention_and_gradient(module, params, run, clip_negative)
+    return weighted, outputs
+
+
+def attention_and_gradient(module: nn.Module, params: Any, run: Run, clip_negative: bool):
+    """(reader of A, reader of A * relu(dS/dA), (logits, aux)) of one pass: rel-att's numerator and grad-att's
+    map come from the same forward."""
     shapes = jax.eval_shape(lambda: module.apply({"params": params}, method=run, mutable=["perturbations"])[1])
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
 
@@ -122,7 +129,8 @@ def attention_times_gradient(module: nn.Module, params: Any, run: Run, clip_nega
 
     grads, (intermediates, outputs) = jax.grad(scored, has_aux=True)(zeros)
     clip = jax.nn.relu if clip_negative else (lambda g: g)
-    return (lambda name: sown(intermediates, name) * clip(sown(grads, name))), outputs
+    attention = lambda name: sown(intermediates, name)  # noqa: E731
+    return attention, (lambda name: attention(name) * clip(sown(grads, name))), outputs
 
 
 def prefill_prefix(module: nn.Module, params: Any, features: jax.Array, prefix_ids: jax.Array,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
+import functools
 from typing import Any, ClassVar
 
 import jax
@@ -25,7 +27,7 @@ from vicrop_jax.nn.decoding import stack_prompts
 from vicrop_jax.prompts import GENERAL_QUESTION
 from vicrop_jax.vicrop.boxes import Box, center_box, grow_box, random_box
 from vicrop_jax.vicrop.maps import (
-    PrefixMap, QuestionPass, StaticModel, attention_times_gradient, captured_attention,
+    PrefixMap, QuestionPass, StaticModel, attention_and_gradient, attention_times_gradient, captured_attention,
     high_pass_mask, pixel_gradient_map, prefill_prefix, prompt_run, run_plain, score, split_prompt, suffix_run,
 )
 
@@ -52,10 +54,15 @@ class FixedCrop(Strategy, abc.ABC):
     def box(self, image_size: tuple[int, int], base_size: int, bbox, seed: int) -> Box:
         """The crop box (left, top, right, bottom) for an image of `image_size`."""
 
+    def boxes(self, image_size: tuple[int, int], base_size: int, bbox, seed: int) -> list[Box]:
+        """The crop boxes: one, unless the baseline crops several regions."""
+        return [self.box(image_size, base_size, bbox, seed)]
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GroundTruth(FixedCrop):
-    """The dataset's ground-truth box, grown to at least the model resolution."""
+    """The dataset's ground-truth box, grown to at least the model resolution; given a list of boxes, a crop of
+    each."""
 
     name: ClassVar[str] = "gt"
 
@@ -63,6 +70,11 @@ class GroundTruth(FixedCrop):
         if bbox is None:
             raise ValueError("method 'gt' needs the ground-truth box: pass bbox=(x1, y1, x2, y2)")
         return grow_box(bbox, image_size, base_size)
+
+    def boxes(self, image_size, base_size, bbox, seed):
+        several = bbox is not None and len(bbox) > 0 and not np.isscalar(bbox[0])
+        return [self.box(image_size, base_size, b, seed) for b in bbox] if several else super().boxes(
+            image_size, base_size, bbox, seed)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,23 +97,61 @@ class CenterCrop(FixedCrop):
         return center_box(image_size, base_size)
 
 
+class Geometry(enum.Enum):
+    """Where a map's grid lies on the image: stretched over all of it, as the published box selection does
+    ("paper"), or on the part the image processor keeps ("exact"; LLaVA's CLIP keeps the centre square)."""
+
+    PAPER = "paper"
+    EXACT = "exact"
+
+
+AUTO_REGIONS = "auto"
+# regions="auto" adds a second box when more than this share of the map's positive mass lies outside the first
+# box's cells: fitted on vicrop-tiny's calibration scenes (`benchmarks/synthetic/evaluate.py --calibrate`).
+SECOND_REGION_MASS = 0.5
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MapMethod(Strategy, abc.ABC):
-    """A map read out of the model picks the crop. `layer` None means the model's default map layer (filled in
-    by `resolved`); `heads` None means the mean over all heads."""
+    """A map read out of the model picks the crops. `layer` None means the model's default map layer (filled in
+    by `resolved`); `heads` None means the mean over all heads.
+
+    regions: K boxes from the one map, each by the paper's rule with the earlier boxes' cells suppressed, all K
+    crops appended in map order (1: the paper's), or "auto": a second box only when the map's mass outside
+    the first passes `second_region_mass`. gate: crop only when the plain answer's first token is less
+    probable than this (None: always crop). geometry: `Geometry` or its value.
+    """
 
     layer: int | None = None
     heads: tuple[int, ...] | None = None
     qformer_layer: int = 2  # InstructBLIP: the Q-Former cross-attention layer, over cross-attention layers only
     general_question: str = GENERAL_QUESTION
+    regions: int | str = 1
+    second_region_mass: float = SECOND_REGION_MASS
+    gate: float | None = None
+    geometry: Geometry | str = Geometry.PAPER
     low_memory: ClassVar[bool] = False  # compile with the memory-optimised CPU scheduler (whole-model gradients)
+    candidate_names: ClassVar[tuple[str, ...]] = ()  # maps a method makes besides its own (method="auto")
+
+    @property
+    def crop_counts(self) -> tuple[int, ...]:
+        """The numbers of crops an answer may take: one program prefills each count's prompt."""
+        return (1, 2) if self.regions == AUTO_REGIONS else (self.regions,)
+
+    @property
+    def program_method(self) -> MapMethod:
+        """The method as its device programs see it: the gate acts on the host, so it compiles nothing."""
+        return dataclasses.replace(self, gate=None)
 
     def resolved(self, model) -> MapMethod:
         """The method with its default layer filled in and its options checked against the model."""
         config = model.config
         layer = default_map_layer(model) if self.layer is None else int(self.layer)
         heads = None if self.heads is None else tuple(int(h) for h in self.heads)
-        method = dataclasses.replace(self, layer=layer, heads=heads, qformer_layer=int(self.qformer_layer))
+        method = dataclasses.replace(self, layer=layer, heads=heads, qformer_layer=int(self.qformer_layer),
+                                     regions=_checked_regions(self.regions), geometry=_geometry(self.geometry),
+                                     gate=_checked_gate(self.gate),
+                                     second_region_mass=_share("second_region_mass", self.second_region_mass))
         if not 0 <= layer < config.text.num_layers:
             raise ValueError(f"layer {layer} is out of range: this model has LM layers 0..{config.text.num_layers - 1}")
         if heads is not None and (not heads or any(not 0 <= h < config.text.num_heads for h in heads)):
@@ -129,6 +179,33 @@ class MapMethod(Strategy, abc.ABC):
         """The plain attention map [gh, gw] of one prompt (rel-att's numerator or denominator)."""
         read, _ = captured_attention(static.module, params, prompt_run(static.family, pixels, prompt, self))
         return static.family.attention_map(static.config, read, prompt.length - 1, prompt, self)
+
+
+def _checked_regions(regions) -> int | str:
+    if regions == AUTO_REGIONS:
+        return regions
+    if isinstance(regions, bool) or not isinstance(regions, (int, np.integer)) or regions < 1:
+        raise ValueError(f"regions must be a positive number of crops or {AUTO_REGIONS!r}, got {regions!r}")
+    return int(regions)
+
+
+def _geometry(geometry) -> Geometry:
+    try:
+        return Geometry(geometry)
+    except ValueError:
+        raise ValueError(f"unknown geometry {geometry!r}; choose one of "
+                         f"{', '.join(g.value for g in Geometry)}") from None
+
+
+def _share(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _checked_gate(gate) -> float | None:
+    """None, or a probability: the plain answer's first token at or above it skips the crop."""
+    return None if gate is None else _share("gate", gate)
 
 
 def _prefix(static: StaticModel, params, pixels, question: PromptArrays, cache_length: int):
@@ -238,7 +315,50 @@ class PureGrad(MapMethod):
         return PrefixMap(importance, features, cache.padded(cache_length), question_pass)
 
 
-STRATEGIES: tuple[type[Strategy], ...] = (RelAtt, GradAtt, PureGrad, NoCrop, GroundTruth, RandomCrop, CenterCrop)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ByConfidence(MapMethod):
+    """method="auto": rel-att's and grad-att's maps from the same passes (the question's forward with its
+    gradient gives rel-att's numerator and grad-att's map; the general prompt's forward the denominator), a
+    crop from each, and the answer whose first token is the more probable. Costs grad-att's map, one more
+    forward and one more answer prefill than a single method."""
+
+    name: ClassVar[str] = "auto"
+    candidate_names: ClassVar[tuple[str, ...]] = ("rel_att", "grad_att")
+    clip_negative: bool = True
+
+    def _maps(self, static, reads, prompts, rows) -> jax.Array:
+        """[2, gh, gw]: rel-att's and grad-att's maps from the readers (question's attention, its gradient-weighted
+        attention, the general prompt's attention) at the given query rows."""
+        family, config = static.family, static.config
+        (read, weighted, general_read), (question, general), (row, general_row) = reads, prompts, rows
+        rel = (family.attention_map(config, read, row, question, self)
+               / family.attention_map(config, general_read, general_row, general, self))
+        return jnp.stack([rel, family.attention_map(config, weighted, row, question, self)])
+
+    def whole_prompt_map(self, static, params, pixels, question, general, high_pass):
+        run = lambda prompt: prompt_run(static.family, pixels, prompt, self)  # noqa: E731
+        read, weighted, _ = attention_and_gradient(static.module, params, run(question), self.clip_negative)
+        general_read, _ = captured_attention(static.module, params, run(general))
+        return self._maps(static, (read, weighted, general_read), (question, general),
+                          (question.length - 1, general.length - 1))
+
+    def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length):
+        """Both maps after the shared prefix: the question's suffix with its gradient, the general one's forward."""
+        features, cache = _prefix(static, params, pixels, question, cache_length)
+        (ids, length), (general_ids, general_length) = (split_prompt(p, static.prefix_length)
+                                                        for p in (question, general))
+        run = functools.partial(suffix_run, cache, static.prefix_length, features=features, layers=(self.layer,))
+        read, weighted, (logits, new_cache) = attention_and_gradient(static.module, params, run(ids, length),
+                                                                     self.clip_negative)
+        general_read, _ = captured_attention(static.module, params, run(general_ids, general_length))
+        importance = self._maps(static, (read, weighted, general_read), (question, general),
+                                (length - 1, general_length - 1))
+        return PrefixMap(importance, features, cache, QuestionPass(logits, new_cache))
+
+
+STRATEGIES: tuple[type[Strategy], ...] = (
+    RelAtt, GradAtt, PureGrad, ByConfidence, NoCrop, GroundTruth, RandomCrop, CenterCrop,
+)
 STRATEGY_NAMES = tuple(strategy.name for strategy in STRATEGIES)
 MAP_METHOD_NAMES = tuple(s.name for s in STRATEGIES if issubclass(s, MapMethod))
 
