@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_boxes import published_select_bbox
+from tests.test_boxes import published_select_bbox, random_map
 from vicrop_jax.vicrop.boxes import (
     outside_mass,
     outside_mass_jax,
@@ -29,19 +29,6 @@ from vicrop_jax.viz import overlay
 
 GRIDS = [((24, 24), 336), ((16, 16), 224), ((6, 8), 336)]
 BATCH = 64
-
-
-def random_map(rng, shape, kind):
-    """Continuous, sparse, integer (exact ties), flat, and signed values over many orders of magnitude."""
-    if kind == 0:
-        return rng.random(shape).astype(np.float32)
-    if kind == 1:
-        return ((rng.random(shape) < 0.1) * rng.random(shape)).astype(np.float32)
-    if kind == 2:
-        return rng.integers(0, 3, shape).astype(np.float32)
-    if kind == 3:
-        return np.full(shape, 0.1, np.float32)
-    return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-4, 4, shape)).astype(np.float32)
 
 
 def random_size(rng, base):

@@ -73,14 +73,18 @@ def _as_size(image_size: Sequence[int]) -> tuple[int, int]:
     return width, height
 
 
-def _as_base(base_size: int) -> int:
+def _positive_int(value: int, name: str) -> int:
     try:
-        base = operator.index(base_size)
+        number = operator.index(value)
     except TypeError:
-        raise ValueError(f"base_size must be an integer, got {base_size!r}") from None
-    if base <= 0:
-        raise ValueError(f"base_size must be positive, got {base}")
-    return base
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if number <= 0:
+        raise ValueError(f"{name} must be positive, got {number}")
+    return number
+
+
+def _as_base(base_size: int) -> int:
+    return _positive_int(base_size, "base_size")
 
 
 def _as_box(box: Sequence[int], name: str = "box") -> Box:
@@ -103,13 +107,7 @@ def _as_frame(frame: Sequence[int] | None, width: int, height: int) -> Box:
 
 
 def _as_regions(regions: int) -> int:
-    try:
-        count = operator.index(regions)
-    except TypeError:
-        raise ValueError(f"regions must be a positive integer, got {regions!r}") from None
-    if count <= 0:
-        raise ValueError(f"regions must be positive, got {count}")
-    return count
+    return _positive_int(regions, "regions")
 
 
 def _window_cells(base_size: int, ratio: float, side: int, cells: int) -> int:
