@@ -190,15 +190,34 @@ def test_training_script_writes_a_checkpoint_that_loads_and_differs_from_its_sta
 
 
 @pytest.mark.slow
-def test_evaluation_script_reports_terciles_methods_and_attention_ratios(tmp_path):
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks.synthetic.evaluate", "--count", "6", "--out", str(tmp_path),
-         "--methods", "none", "gt", "rel_att", "--batch-size", "6"], capture_output=True, text=True, check=True,
-        cwd=ROOT,
-    )
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["questions"] == 6 and set(summary["accuracy"]) == {"none", "gt", "rel_att"}
-    assert set(summary["accuracy_by_tercile"]["gt"]) == {"tercile 1", "tercile 2", "tercile 3"}
-    ratios = summary["attention_ratio"]
-    assert ratios["correct"]["count"] + ratios["wrong"]["count"] == 6
-    assert len((tmp_path / "none.jsonl").read_text().splitlines()) == 6
+def test_the_evaluation_tables_cover_every_question_type_and_option(tmp_path):
+    """The evaluation script's parts on a small held-out set: its runs through the eval runner, the version-1
+    tables on the square single-detail questions, and the per-type table with the options as rows."""
+    from benchmarks.synthetic import evaluate
+
+    data = tmp_path / "data"
+    write_dataset(data, evaluate.EVAL_SEED, 4, version=2)
+    records = json.loads((data / "data.json").read_text())
+    calibration = {"seed": evaluate.CALIBRATION_SEED, "records": 8, "gates": [0.5],
+                   "gate_gains": [0.9], "second_region_mass": {m: 0.5 for m in evaluate.MAP_METHODS}}
+    names = [name for name, _, _ in evaluate.configs(calibration)]
+    for wanted in ("none", "gt", "random", "center", "rel_att regions=2", "grad_att regions=auto", "rel_att gate=0.5",
+                   "auto", "pure_grad geometry=exact"):
+        assert wanted in names
+    chosen = [("none", "none", {}), ("gt", "gt", {}), ("rel_att", "rel_att", {}),
+              ("rel_att gate=0.5", "rel_att", {"gate": 0.5})]
+    results = {name: evaluate.run(tmp_path, data, "vicrop-tiny", name, method, options, 8)
+               for name, method, options in chosen}
+    results["rel_att geometry=exact"] = results["rel_att"]  # a row for the geometry table, not run again
+    assert all(len(lines) == len(records) for lines in results.values())
+    single = {r["id"] for r in records if evaluate.kind(r) == "single"}
+    ratios = {r["id"]: 2.0 for r in records}
+    v1 = evaluate.summarize({m: [l for l in results[m] if l["id"] in single] for m in ("none", "gt", "rel_att")},
+                            ratios, 2, {"median_attention_ratio": [1.0], "box_hit_rate": [0.5]})
+    assert v1["questions"] == 4 and set(v1["accuracy_by_tercile"]["gt"]) == set(evaluate.TERCILES)
+    v2 = evaluate.v2_summary(results, records, ratios, calibration)
+    assert v2["questions"] == {"single": 4, "single, non-square": 1, "two_region": 1, "distractor": 1, "counting": 1}
+    assert v2["accuracy"]["gt"]["cropped"] == 100.0 and v2["accuracy"]["none"]["cropped"] == 0.0
+    assert v2["accuracy"]["gt"]["centres_held"]["two_region"] == 100.0  # gt crops each of the two boxes
+    table = evaluate.v2_markdown(v2)
+    assert "| rel_att gate=0.5 |" in table and "| rel_att | " in table and "paper | exact" in table

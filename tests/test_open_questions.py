@@ -28,6 +28,12 @@ def model(tiny_model):
     return tiny_model
 
 
+def only_llava(model) -> None:
+    """For what the pipeline does the same for every family (thresholds, batch padding): one family's run."""
+    if model.family is not LLAVA:
+        pytest.skip("family-independent; LLaVA's run is enough")
+
+
 def base(model) -> int:
     return model.config.image_size
 
@@ -58,6 +64,7 @@ def test_the_batch_program_gives_each_record_its_single_answer_with_k_regions(mo
 
 
 def test_regions_auto_adds_the_second_box_only_above_its_threshold(model):
+    only_llava(model)
     image = IMAGES[1]
     one = vicrop_jax.answer(model, image, QUESTION, "rel_att", layer=1, regions=1)
     two = vicrop_jax.answer(model, image, QUESTION, "rel_att", layer=1, regions=2)
@@ -94,6 +101,7 @@ def test_the_gate_and_auto_compile_a_bounded_number_of_programs(model):
     """A gated batch's cropped part runs at a power of two records: batch 4 compiles at most the plain program
     and batch sizes 1, 2, 4 of the pipeline, whatever the thresholds (here every count of cropped records from
     0 to 4); auto and regions="auto" one program each; a second pass compiles nothing."""
+    only_llava(model)
     images = [noise_image(150, 110, seed) for seed in range(4)]
     questions = [QUESTION] * 4
     confidences = sorted(a.confidence for a in vicrop_jax.answer_batch(model, images, questions, "rel_att", layer=0,
