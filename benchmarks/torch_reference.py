@@ -216,6 +216,81 @@ def llava_maps(
 
 
 # ----------------------------------------------------------------------------------------------
+# Qwen2.5-VL (the release's qwen2_5_methods.py: rel-att at layer 22 of the 7B model; grad-att and pure-grad as
+# for LLaVA, on the image's own token grid)
+# ----------------------------------------------------------------------------------------------
+
+
+def _qwen_forward(model, inputs: dict, pixel_values: torch.Tensor | None = None):
+    """transformers' own forward on processor-made inputs (input_ids, pixel_values, image_grid_thw,
+    mm_token_type_ids); (logits of the last position, per-layer LM attentions)."""
+    inputs = {**inputs, "pixel_values": inputs["pixel_values"] if pixel_values is None else pixel_values}
+    out = model(**inputs, output_attentions=True, logits_to_keep=1)
+    return out.logits, out.attentions
+
+
+def _qwen_image_columns(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """LM positions of the first image: between its <|vision_start|> and <|vision_end|> (the release's pos:pos_end)."""
+    ids = input_ids[0].tolist()
+    start = ids.index(model.config.vision_start_token_id) + 1
+    return torch.arange(start, ids.index(model.config.vision_end_token_id))
+
+
+def _qwen_token_grid(model, inputs: dict) -> tuple[int, int]:
+    """The first image's merged-token grid: image_grid_thw[0, 1:] / merge (the release's att_shape)."""
+    merge = model.config.vision_config.spatial_merge_size
+    _, h, w = (int(v) for v in inputs["image_grid_thw"][0])
+    return h // merge, w // merge
+
+
+def _qwen_pixel_grad_norm(model, inputs: dict) -> np.ndarray:
+    """Per-pixel L2 norm over channels of dS/d(pixels) of the first image [H', W'] (the resized image): the patch
+    rows' gradients laid back onto the image, a pixel's repeated frames summed."""
+    pixels = inputs["pixel_values"].detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(_score(_qwen_forward(model, inputs, pixels)[0]), pixels)
+    vision = model.config.vision_config
+    merge, patch = vision.spatial_merge_size, vision.patch_size
+    _, h, w = (int(v) for v in inputs["image_grid_thw"][0])
+    rows = _to_numpy(grad[: h * w]).reshape(h // merge, w // merge, merge, merge, 3, -1, patch, patch).sum(axis=5)
+    image = rows.transpose(0, 2, 5, 1, 3, 6, 4).reshape(h * patch, w * patch, 3)  # [H', W', C]
+    return np.linalg.norm(image, axis=2)
+
+
+def qwen2_5_vl_maps(model, inputs: dict, general_inputs: dict, *, method: str, layer: int = 22,
+                    heads: Sequence[int] | None = None, clip_negative: bool = True,
+                    high_pass: np.ndarray | None = None) -> np.ndarray:
+    """ViCrop importance map of a `Qwen2_5_VLForConditionalGeneration`, float32 [gh, gw] on the first image's
+    merged-token grid. `inputs` / `general_inputs`: the question's and the general prompt's processor outputs
+    over the same image. rel_att: A(question) / A(general), A = head mean of LM layer `layer`'s attention from
+    the last position to the image's tokens; grad_att: head mean of A * relu(dS/dA); pure_grad: the ratio of the
+    per-pixel gradient norms, times `high_pass` ([H', W'] on the resized image), block mean over the
+    (patch * merge)-pixel squares of the merged tokens."""
+    _check_method(method)
+    gh, gw = _qwen_token_grid(model, inputs)
+    if method == "pure_grad":
+        ratio = _qwen_pixel_grad_norm(model, inputs) / _qwen_pixel_grad_norm(model, general_inputs)
+        if high_pass is not None:
+            ratio = ratio * np.asarray(high_pass, dtype=bool)
+        block = model.config.vision_config.patch_size * model.config.vision_config.spatial_merge_size
+        return _block_mean(ratio.astype(np.float32), block).astype(np.float32)
+
+    def row(prompt_inputs: dict, weighted: bool) -> torch.Tensor:
+        columns = _qwen_image_columns(model, prompt_inputs["input_ids"])
+        with torch.enable_grad() if weighted else torch.no_grad():
+            logits, attentions = _qwen_forward(model, prompt_inputs)
+            att = _checked(attentions, layer, "LM")
+            if not weighted:
+                return _head_mean(att[0, :, -1, columns], heads)
+            (grad,) = torch.autograd.grad(_score(logits), att)
+        return _head_mean(_grad_weighted(att[0, :, -1, columns], grad[0, :, -1, columns], clip_negative), heads)
+
+    if method == "rel_att":
+        return _to_numpy(row(inputs, False) / row(general_inputs, False)).reshape(gh, gw)
+    return _to_numpy(row(inputs, True)).reshape(gh, gw)
+
+
+# ----------------------------------------------------------------------------------------------
 # InstructBLIP
 # ----------------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ before jax initialises, and this test session has already initialised it with on
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import jax
@@ -88,6 +89,24 @@ def test_instructblip_rules():
     assert specs["language_projection/kernel"] == P(None, M)
     assert specs["query_tokens"] == P()
     assert specs["language_model/embed_tokens/embedding"] == P(M, None)
+
+
+def test_qwen2_5_vl_rules_cover_every_parameter():
+    from vicrop_jax.families.qwen2_5_vl import QWEN2_5_VL
+    from vicrop_jax.nn.qwen2_5_vl import QwenVL, QwenVLConfig
+    from vicrop_jax.testing.hf_models import qwen2_5_vl_config
+
+    config = QwenVLConfig.from_hf_config(qwen2_5_vl_config(width=64, num_heads=8, num_kv_heads=8).to_dict())
+    params = jax.eval_shape(QwenVL(config).init, jax.random.PRNGKey(0), *QWEN2_5_VL.init_inputs(config))["params"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a parameter that no rule covers warns
+        specs = flat_specs(params)
+    vit = "visual/blocks_0/"
+    assert specs[vit + "attn/qkv/kernel"] == P(None, M) and specs[vit + "attn/proj/kernel"] == P(M, None)
+    assert specs[vit + "mlp/gate_proj/kernel"] == P(None, M) and specs[vit + "mlp/down_proj/kernel"] == P(M, None)
+    assert specs["visual/merger/mlp_0/kernel"] == P(None, M) and specs["visual/merger/mlp_2/kernel"] == P(M, None)
+    assert specs["visual/patch_embed/proj/kernel"] == P() and specs["visual/merger/ln_q/weight"] == P()
+    assert specs["language_model/layers_0/self_attn/q_proj/bias"] == P(M)
 
 
 def test_unknown_parameters_are_replicated_and_reported():

@@ -67,14 +67,19 @@ def check_prompt(model: Model, prompt: str, num_images: int, max_new_tokens: int
 
 
 def generate_ids(
-    model: Model, pixels: np.ndarray, ids: list[int], max_new_tokens: int = 20, image_text: tuple = ()
+    model: Model, pixels: Any, ids: list[int], max_new_tokens: int = 20, image_text: tuple = (),
+    positions: np.ndarray | None = None, position_offset: int | None = None,
 ) -> list[int]:
-    """Greedy token ids (EOS included when reached) for one prompt and its preprocessed images."""
+    """Greedy token ids (EOS included when reached) for one prompt and its preprocessed images (and, for
+    multimodal RoPE, the prompt's positions [3, T] and the answer's offset)."""
     features = encode_images(model.module, model.params, pixels, *image_text)
     padded, length = pad_prompt(ids)
+    if positions is not None:
+        positions = np.pad(positions, ((0, 0), (0, len(padded) - length)))[None]
+        position_offset = np.array([position_offset], np.int32)
     tokens = greedy_generate(
         model.module, model.params, padded[None], np.array([length], np.int32),
-        features.reshape(1, -1, features.shape[-1]),
+        features.reshape(1, -1, features.shape[-1]), positions, position_offset,
         max_new_tokens=max_new_tokens, eos_ids=model.config.text.eos_token_ids,
     )
     return strip_generated(np.asarray(tokens[0]))
@@ -84,10 +89,13 @@ def generate(model: Model, images: ImageLike | Sequence[ImageLike], prompt: str,
     """The greedy answer (prompt excluded) to `prompt`.
 
     LLaVA prompts hold one `<image>` marker per image (`prompts.llava_prompt`); InstructBLIP prompts hold
-    none (`prompts.instructblip_prompt`): the images' query embeddings go in front, in order.
+    none (`prompts.instructblip_prompt`): the images' query embeddings go in front, in order; Qwen2.5-VL prompts
+    hold one `<|vision_start|><|image_pad|><|vision_end|>` per image (`prompts.qwen2_5_vl_prompt`).
     """
     images = as_image_list(images)
     check_prompt(model, prompt, len(images), max_new_tokens)
-    ids, image_text = prompt_inputs(model, prompt, len(images))
-    tokens = generate_ids(model, pixel_values(model, images), ids, max_new_tokens, image_text)
+    inputs = model.family.generation_inputs(model, images, prompt)
+    pixels, *image_text = inputs.encode_args
+    tokens = generate_ids(model, pixels, inputs.ids, max_new_tokens, tuple(image_text), inputs.positions,
+                          inputs.position_offset)
     return model.tokenizer.decode(tokens)

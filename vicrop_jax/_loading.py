@@ -24,7 +24,6 @@ from vicrop_jax._tokenizer import Tokenizer
 from vicrop_jax.compilation_cache import enable_compilation_cache
 from vicrop_jax.families import Family, family_for
 from vicrop_jax.nn._attention import AttentionKernel
-from vicrop_jax.preprocessing import ImageProcessorConfig
 from weights_conversion.core import IDENTITY, flax_to_hf, hf_to_flax, rename_keys, resolve_checkpoint_folder
 from weights_conversion.hf_folder import read_config, read_image_processor_config
 from weights_conversion.orbax_io import (
@@ -50,7 +49,7 @@ class Model:
     module: nn.Module
     params: Any
     tokenizer: Tokenizer
-    image_config: ImageProcessorConfig
+    image_config: Any  # the family's image processor settings (`ImageProcessorConfig` for CLIP and BLIP)
     path: Path
     extra_tokenizer: Tokenizer | None = None  # the family's second reader of the prompt (InstructBLIP's Q-Former)
 
@@ -172,7 +171,7 @@ def load(path_or_repo_id: str | os.PathLike, dtype: Any = AUTO, *, allow_pickle:
     family = family or family_for(hf_config)
     config = family.read_config(hf_config)
     dtype = resolve_dtype(dtype, hf_config)
-    image_config = ImageProcessorConfig.from_preprocessor_config(read_image_processor_config(folder))
+    image_config = family.read_image_config(read_image_processor_config(folder))
     module = family.module_class(config, dtype=dtype, param_dtype=dtype, attention_kernel=kernel)
     params = read_params(folder, family, config, module, dtype, shardings, allow_pickle)
     if check_finite:

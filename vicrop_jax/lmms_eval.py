@@ -207,6 +207,9 @@ def score_continuation(model: Model, pixels: np.ndarray, question: str, continua
     The continuation's tokens are those the prompt + continuation text has beyond the prompt's own, as
     lm-eval splits them."""
     family, count = model.family, len(pixels)
+    if not family.fixed_resolution:
+        raise ValueError(f"loglikelihood requests are not supported for {family.name} (its images enter at their own "
+                         "resolution, with rotary positions this scorer does not build): use generate_until tasks")
     prompt = family.prompt(question, count)
     ids, image_text = family.prompt_inputs(model, prompt, count)
     whole, context = model.tokenizer.encode(prompt + continuation), model.tokenizer.encode(prompt)

@@ -27,19 +27,20 @@ from vicrop_jax._loading import Model, load
 
 # Layers whose output features are split (lm_head: the vocabulary) ...
 _COLUMN = (r"q_proj|k_proj|v_proj|gate_proj|up_proj|fc1|qkv|linear_1|query|key|value"
-           r"|intermediate(_query)?/dense|language_projection|lm_head")
+           r"|intermediate(_query)?/dense|language_projection|lm_head|merger/mlp_0")
 # ... and layers whose input features are split: they consume a column-parallel layer's output.
-_ROW = r"o_proj|down_proj|out_proj|fc2|linear_2|projection|output(_query)?/dense"
+_ROW = r"o_proj|down_proj|out_proj|fc2|linear_2|projection|output(_query)?/dense|attn/proj|merger/mlp_2"
 
 # (regex searched in the "/"-joined parameter path, the dimension split over the mesh axis or None for
 # replicated). First match wins. Paths matching no rule are replicated and reported by a warning.
 RULES: tuple[tuple[str, int | None], ...] = (
+    (r"/patch_embed/proj/kernel$", None),  # Qwen2.5-VL's patch embedding: small, and read by every patch
     (rf"/({_COLUMN})/kernel$", 1),
     (rf"/({_COLUMN})/bias$", 0),
     (rf"/({_ROW})/kernel$", 0),
     (rf"/({_ROW})/bias$", None),  # added once, after the all-reduce of the partial sums
     (r"/(embed_tokens|word_embeddings)/embedding$", 0),
-    (r"(?i)/\w*norm\d?/(scale|bias|weight)$", None),
+    (r"(?i)/(\w*norm\d?|ln_q)/(scale|bias|weight)$", None),
     (r"/(position_embeddings?|patch_embedding|class_embedding|query_tokens)(/(embedding|kernel|bias))?$", None),
 )
 

@@ -50,8 +50,9 @@ def llama_table(config: Any, flax_prefix: tuple[str, ...], hf_model: str, hf_hea
         table[flax_prefix + ("lm_head", "kernel")] = (hf_head, LINEAR)
     for i in range(config.num_layers):
         fp, hp = flax_prefix + (f"layers_{i}",), f"{hf_model}.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for proj in ("q_proj", "k_proj", "v_proj"):
             table |= dense(fp + ("self_attn", proj), f"{hp}.self_attn.{proj}", config.attention_bias)
+        table |= dense(fp + ("self_attn", "o_proj"), f"{hp}.self_attn.o_proj", config.output_bias)
         for proj in ("gate_proj", "up_proj", "down_proj"):
             table |= dense(fp + ("mlp", proj), f"{hp}.mlp.{proj}", config.mlp_bias)
         table[fp + ("input_layernorm", "weight")] = (f"{hp}.input_layernorm.weight", IDENTITY)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from vicrop_jax.families._base import Family, PromptArrays
+from vicrop_jax.families._base import Family, PromptArrays, stack_arrays
 from vicrop_jax.families.instructblip import INSTRUCTBLIP, InstructBlipFamily
 from vicrop_jax.families.llava import LLAVA, LlavaFamily
+from vicrop_jax.families.qwen2_5_vl import QWEN2_5_VL, QwenFamily
 
-FAMILIES: Mapping[str, Family] = {"llava": LLAVA, "instructblip": INSTRUCTBLIP}  # config.json model_type -> family
+# config.json's model_type -> family
+FAMILIES: Mapping[str, Family] = {"llava": LLAVA, "instructblip": INSTRUCTBLIP, "qwen2_5_vl": QWEN2_5_VL}
 
 
 def family_for(hf_config: Mapping[str, Any]) -> Family:
@@ -18,10 +20,10 @@ def family_for(hf_config: Mapping[str, Any]) -> Family:
     if model_type not in FAMILIES:
         raise ValueError(
             f"model_type {model_type!r} is not supported: vicrop_jax loads {', '.join(map(repr, FAMILIES))} "
-            "checkpoints (LLaVA-1.5, InstructBLIP-Vicuna), or any other through load(..., family=...)"
+            "checkpoints (LLaVA-1.5, InstructBLIP-Vicuna, Qwen2.5-VL), or any other through load(..., family=...)"
         )
     return FAMILIES[model_type]
 
 
 __all__ = ["FAMILIES", "Family", "INSTRUCTBLIP", "InstructBlipFamily", "LLAVA", "LlavaFamily", "PromptArrays",
-           "family_for"]
+           "QWEN2_5_VL", "QwenFamily", "family_for", "stack_arrays"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -18,17 +18,40 @@ import jax.numpy as jnp
 import numpy as np
 
 from vicrop_jax.nn.decoding import bucket_length
+from vicrop_jax.preprocessing import ImageProcessorConfig, preprocess_batch
 
 ReadAttention = Callable[[str], jax.Array]  # sown name -> probabilities [N, T, S] of one prompt
 
 
+class GenerationInputs(NamedTuple):
+    """What `generate` runs for one prompt over its images."""
+
+    ids: list[int]  # LM token ids, image placeholders expanded
+    encode_args: tuple  # the arguments of the model's `encode_images` after the parameters
+    positions: np.ndarray | None = None  # [3, T] rotary positions where they are not the token's index
+    position_offset: int | None = None  # how far the answer's rotary positions run ahead of its cache slots
+
+
 class PromptArrays(NamedTuple):
     """One prompt on the device: ids right-padded to a bucket, true length, and the prompt's extra inputs of
-    `encode_images` (InstructBLIP: the Q-Former's ids and mask; none for LLaVA)."""
+    `encode_images` (InstructBLIP: the Q-Former's ids and mask; Qwen2.5-VL: the layout of its images' patches;
+    none for LLaVA); for multimodal RoPE its positions [3, T] and the answer's offset from its slots."""
 
     ids: jax.Array
     length: jax.Array
     image_text: tuple[jax.Array, ...] = ()
+    positions: jax.Array | None = None
+    position_offset: jax.Array | None = None
+
+
+def stack_arrays(trees: list) -> Any:
+    """Host pytrees (prompt arrays) stacked leaf by leaf on a new leading axis."""
+    return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *trees)
+
+
+def block_mean(values: jax.Array, block: int) -> jax.Array:
+    h, w = values.shape
+    return values.reshape(h // block, block, w // block, block).mean(axis=(1, 3))
 
 
 def head_mean(probs: jax.Array, heads: tuple[int, ...] | None) -> jax.Array:
@@ -50,6 +73,9 @@ class Family(abc.ABC):
     """Everything that differs between model families. Subclasses override what their family does otherwise."""
 
     name: str  # for messages and result files, never compared
+    # Whether images enter at one fixed size, so that crops are made and encoded inside the jitted ViCrop programs;
+    # a family at native resolution (Qwen2.5-VL) crops on the host, where the crop's size sets its token count.
+    fixed_resolution: ClassVar[bool] = True
     config_class: type  # a frozen config dataclass with `from_hf_config(config.json dict)`
     module_class: type[nn.Module]  # built as module_class(config, dtype=, param_dtype=, attention_kernel=)
     conversion_table: Callable[[Any], dict]  # config -> {flax path: (HF key, transform)}
@@ -66,6 +92,10 @@ class Family(abc.ABC):
         pixels = np.zeros((1, 1, config.image_size, config.image_size, 3), np.float32)
         return ids, pixels
 
+    def read_image_config(self, processor: dict[str, Any]) -> ImageProcessorConfig:
+        """The image processor's settings from the checkpoint's processor file."""
+        return ImageProcessorConfig.from_preprocessor_config(processor)
+
     def read_extra_tokenizer(self, folder: Path):
         """A second tokenizer the family's image encoder reads the prompt with, or None."""
         return None
@@ -79,6 +109,11 @@ class Family(abc.ABC):
     def prompt_inputs(self, model, prompt: str, num_images: int) -> tuple[list[int], tuple[np.ndarray, ...]]:
         """LM token ids with image placeholders, and the extra inputs of `encode_images` per image [n, ...]."""
 
+    def generation_inputs(self, model, images: list, prompt: str) -> GenerationInputs:
+        """The inputs of `generate` for a prompt over images (anything `load_image` reads)."""
+        ids, image_text = self.prompt_inputs(model, prompt, len(images))
+        return GenerationInputs(ids, (preprocess_batch(images, model.image_config), *image_text))
+
     def prompt_arrays(self, model, prompts: list[str], num_images: int = 1) -> list[PromptArrays]:
         """Prompts tokenized and right-padded to one common bucket, so they stack into a batch."""
         encoded = [self.prompt_inputs(model, prompt, num_images) for prompt in prompts]
@@ -89,6 +124,26 @@ class Family(abc.ABC):
             padded[: len(ids)] = ids
             arrays.append(PromptArrays(padded, np.int32(len(ids)), tuple(text[0] for text in image_text)))
         return arrays
+
+    def plain_inputs(self, model, images: list, questions: list[str]) -> tuple[Any, PromptArrays]:
+        """A batch's images and question prompts over them alone, stacked on a leading axis."""
+        prompts = self.prompt_arrays(model, [self.prompt(q) for q in questions])
+        return preprocess_batch(images, model.image_config), stack_arrays(prompts)
+
+    def map_inputs(self, model, image, question: str, method) -> tuple[Any, PromptArrays, PromptArrays, Any]:
+        """(pixels, question prompt, general prompt, pure-grad's high-pass mask or None) of one map pass."""
+        question_arrays, general_arrays = self.prompt_arrays(
+            model, [self.prompt(question), self.prompt(method.general_question)])
+        return (preprocess_batch([image], model.image_config)[0], question_arrays, general_arrays,
+                method.high_pass(image, model.config.image_size))
+
+    def host_map(self, model, image, importance: np.ndarray) -> np.ndarray:
+        """A map program's output as the map [gh, gw] of `image` (already so for fixed-grid families)."""
+        return importance
+
+    def crop_size(self, config: Any) -> int:
+        """The side of the smallest crop box (the paper's: the model's input resolution)."""
+        return config.image_size
 
     def prompt_problem(self, model, prompt: str) -> str | None:
         """Why a prompt cannot run beyond the LM's length limit (checked by the caller), or None."""
@@ -111,6 +166,18 @@ class Family(abc.ABC):
     def map_features(self, module: nn.Module, pixels: jax.Array, prompt: PromptArrays, method) -> jax.Array:
         """Inside `module.apply`: one image's LM features [1, M, D] for a map pass, the map's layers captured."""
         return module.encode_images(pixels[None], *(text[None] for text in prompt.image_text))
+
+    def image_features(self, module: nn.Module, params: Any, pixels: jax.Array, prompt: PromptArrays) -> jax.Array:
+        """The LM features [M, D] of one prompt's image(s) (pixels [H,W,3] of one image here)."""
+        return module.apply({"params": params}, pixels[None], *(text[None] for text in prompt.image_text),
+                            method="encode_images")[0]
+
+    def pixel_gradient_map(self, config: Any, gradients: jax.Array, high_pass: jax.Array,
+                           prompt: PromptArrays) -> jax.Array:
+        """pure-grad's map from the score gradients of the question and the general prompt with respect to the
+        pixels [2, ...]: the ratio of their per-pixel L2 norms, times the high-pass mask, block-mean over patches."""
+        norms = jnp.linalg.norm(gradients.astype(jnp.float32), axis=-1)
+        return block_mean(norms[0] / norms[1] * high_pass, config.vision.patch_size)
 
     @abc.abstractmethod
     def attention_map(self, config: Any, read: ReadAttention, query_row, prompt: PromptArrays, method) -> jax.Array:

@@ -31,9 +31,10 @@ class LanguageModelMethods:
         return merge_image_features(token_embeds, input_ids, image_features, self.config.image_token_id)
 
     def decode(
-        self, inputs_embeds: jax.Array, cache: KVCache, offset=0, attention_layers: Sequence[int] = ()
+        self, inputs_embeds: jax.Array, cache: KVCache, offset=0, attention_layers: Sequence[int] = (),
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        return self.language_model(inputs_embeds, cache, offset, attention_layers)
+        return self.language_model(inputs_embeds, cache, offset, attention_layers, positions)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.language_model.logits(hidden)

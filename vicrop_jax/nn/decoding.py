@@ -35,11 +35,14 @@ def pad_prompt(input_ids: Sequence[int], pad_id: int = 0, bucket: int = BUCKET) 
     return ids, len(input_ids)
 
 
-def prefill(module: nn.Module, params: Any, input_ids, length, image_features, cache_length: int):
-    """Run one prompt [T] into a fresh cache of S slots; returns (logits of its last token [V], cache)."""
+def prefill(module: nn.Module, params: Any, input_ids, length, image_features, cache_length: int,
+            positions: jax.Array | None = None):
+    """Run one prompt [T] into a fresh cache of S slots; returns (logits of its last token [V], cache).
+    `positions`: the prompt's rotary positions where they are not its slots ([3, T] for multimodal RoPE)."""
     embeds = module.apply({"params": params}, input_ids[None], image_features[None], method="embed")
     cache = KVCache.zeros(module.config.text, 1, input_ids.shape[0], module.dtype)
-    hidden, cache = module.apply({"params": params}, embeds, cache, 0, method="decode")
+    positions = None if positions is None else positions[..., None, :]
+    hidden, cache = module.apply({"params": params}, embeds, cache, 0, positions=positions, method="decode")
     logits = module.apply({"params": params}, hidden[0, length - 1], method="logits")
     return logits, cache.padded(cache_length)
 
@@ -60,9 +63,10 @@ class DecodeState(NamedTuple):
 
 
 def decode_from(module, params, first_logits, caches: KVCache, lengths, max_new_tokens: int,
-                eos_ids: tuple[int, ...]):
+                eos_ids: tuple[int, ...], position_offsets: jax.Array | None = None):
     """Greedy tokens [n, max_new_tokens] of n prefilled prompts: the logits of their last tokens [n, V], their
-    caches stacked on a leading axis [n], their lengths [n].
+    caches stacked on a leading axis [n], their lengths [n]; `position_offsets` [n]: how far each answer's rotary
+    positions run ahead of its cache slots (multimodal RoPE's delta; None: they are its slots).
 
     One loop for all prompts (it runs until each has met an EOS or the limit): every step reads the weights
     once for all of them, and the carry is updated in place (a vmapped loop would copy every cache per step).
@@ -70,9 +74,10 @@ def decode_from(module, params, first_logits, caches: KVCache, lengths, max_new_
     """
     eos = jnp.asarray(eos_ids if eos_ids else (-2,), jnp.int32)
 
-    def step_one(token, cache, position):
+    def step_one(token, cache, slot, position_offset):
         embeds = module.apply({"params": params}, token[None, None], method="embed_tokens")
-        hidden, cache = module.apply({"params": params}, embeds, cache, position, method="decode")
+        positions = None if position_offset is None else jnp.reshape(slot + position_offset, (1, 1))
+        hidden, cache = module.apply({"params": params}, embeds, cache, slot, positions=positions, method="decode")
         logits = module.apply({"params": params}, hidden[0, -1], method="logits")
         return jnp.argmax(logits).astype(jnp.int32), cache
 
@@ -81,7 +86,7 @@ def decode_from(module, params, first_logits, caches: KVCache, lengths, max_new_
 
     def body(state: DecodeState):
         previous = jnp.maximum(state.tokens[:, state.step - 1], 0)  # a finished answer's PAD_TOKEN: any id will do
-        tokens, caches = jax.vmap(step_one)(previous, state.caches, lengths + state.step - 1)
+        tokens, caches = jax.vmap(step_one)(previous, state.caches, lengths + state.step - 1, position_offsets)
         tokens = jnp.where(state.done, PAD_TOKEN, tokens)
         return DecodeState(state.step + 1, caches, state.tokens.at[:, state.step].set(tokens),
                            state.done | jnp.isin(tokens, eos))
@@ -98,17 +103,20 @@ def greedy_generate(
     input_ids: jax.Array,
     lengths: jax.Array,
     image_features: jax.Array,
+    positions: jax.Array | None = None,
+    position_offsets: jax.Array | None = None,
     *,
     max_new_tokens: int,
     eos_ids: tuple[int, ...],
 ) -> jax.Array:
-    """input_ids [B,T] right-padded, lengths [B], image_features [B,M,D] -> tokens [B,max_new_tokens]."""
+    """input_ids [B,T] right-padded, lengths [B], image_features [B,M,D] -> tokens [B,max_new_tokens];
+    multimodal RoPE's positions [B,3,T] and their offsets [B] for the answer (see `decode_from`)."""
     cache_length = input_ids.shape[1] + max_new_tokens
-    first_pass = lambda ids, length, features: prefill(  # noqa: E731
-        module, params, ids, length, features, cache_length
+    first_pass = lambda ids, length, features, positions: prefill(  # noqa: E731
+        module, params, ids, length, features, cache_length, positions
     )
-    logits, caches = jax.vmap(first_pass)(input_ids, lengths, image_features)
-    return decode_from(module, params, logits, caches, lengths, max_new_tokens, eos_ids)
+    logits, caches = jax.vmap(first_pass)(input_ids, lengths, image_features, positions)
+    return decode_from(module, params, logits, caches, lengths, max_new_tokens, eos_ids, position_offsets)
 
 
 def strip_generated(tokens: np.ndarray) -> list[int]:

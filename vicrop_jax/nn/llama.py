@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vicrop_jax.nn._attention import (AttentionKernel, fits_all_heads, fused_attention, head_by_head,
                                       masked_softmax)
@@ -42,8 +43,10 @@ class LlamaConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_positions: int = 8192
-    attention_bias: bool = False
+    attention_bias: bool = False  # of q, k and v
+    output_bias: bool = False  # of o (LLaMA: as attention_bias; Qwen2: none beside biased q, k, v)
     mlp_bias: bool = False
+    mrope_section: tuple[int, ...] | None = None  # multimodal RoPE: rotary frequencies per (t, h, w) position axis
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
@@ -87,6 +90,7 @@ class LlamaConfig:
             rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
             rope_original_max_positions=rope.get("original_max_position_embeddings", 8192),
             attention_bias=hf.get("attention_bias", False),
+            output_bias=hf.get("attention_bias", False),
             mlp_bias=hf.get("mlp_bias", False),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             bos_token_id=hf.get("bos_token_id", 1),
@@ -148,13 +152,19 @@ def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
 
 
 def rope_cos_sin(config: LlamaConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, H] for integer positions [B, T], computed in float32 as transformers does.
+    """cos, sin [B, T, H] for integer positions [B, T] (or [3, B, T], one per multimodal RoPE axis), computed in
+    float32 as transformers does.
 
-    They are read back through a gather, which makes XLA compute them once: an elementwise cos or sin is
-    otherwise fused into each of its consumers and recomputed in every layer's rotation of q and of k, for
-    every head (42 times in vicrop-tiny's ViCrop program, a sixth of its time on CPU).
+    Multimodal RoPE (`mrope_section`) takes each block of frequencies from its own axis (temporal, height,
+    width, in turn). They are read back through a gather, which makes XLA compute them once: an elementwise cos
+    or sin is otherwise fused into each of its consumers and recomputed in every layer's rotation of q and of k,
+    for every head (42 times in vicrop-tiny's ViCrop program, a sixth of its time on CPU).
     """
     freqs = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(config)
+    if config.mrope_section is not None:
+        bounds = np.cumsum((0, *config.mrope_section))
+        freqs = jnp.concatenate([freqs[i % 3, ..., start:stop]
+                                 for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:]))], axis=-1)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     rows = jnp.arange(positions.shape[-1])
     return tuple(jnp.take(f(emb), rows, axis=-2).astype(dtype) for f in (jnp.cos, jnp.sin))
@@ -196,7 +206,7 @@ class LlamaAttention(nn.Module):
         self.q_proj = dense(c.num_heads * c.head_dim, c.attention_bias)
         self.k_proj = dense(c.num_kv_heads * c.head_dim, c.attention_bias)
         self.v_proj = dense(c.num_kv_heads * c.head_dim, c.attention_bias)
-        self.o_proj = dense(c.hidden_size, c.attention_bias)
+        self.o_proj = dense(c.hidden_size, c.output_bias)
 
     def __call__(self, x, cos, sin, mask, keys, values, offset, capture: bool):
         """x [B,T,D]; mask [B,T,S] (True = may attend); keys [B,K,S,H] / values [B,K,H,S] written at offset."""
@@ -302,17 +312,23 @@ class LlamaForCausalLM(nn.Module):
         cache: KVCache,
         offset: jax.Array | int = 0,
         attention_layers: Sequence[int] = (),
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """inputs_embeds [B,T,D] placed at cache slots offset..offset+T-1 -> (normed hidden [B,T,D], cache).
 
-        Positions equal cache slots (prompts are right-padded), so query p sees keys 0..p.
+        Query p sees the keys of slots 0..p (prompts are right-padded). Its rotary position is its slot, unless
+        `positions` [B,T] (or [3,B,T] for multimodal RoPE) say otherwise.
         """
         b, t, _ = inputs_embeds.shape
         offset = jnp.asarray(offset, jnp.int32)
-        positions = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
+        slot_positions = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if positions is None:
+            positions = slot_positions
+        if self.config.mrope_section is not None and positions.ndim == 2:
+            positions = jnp.broadcast_to(positions, (3, b, t))
         cos, sin = rope_cos_sin(self.config, positions, self.dtype)
         slots = jnp.arange(cache.length, dtype=jnp.int32)
-        mask = slots[None, None, :] <= positions[:, :, None]
+        mask = slots[None, None, :] <= slot_positions[:, :, None]
         x = inputs_embeds.astype(self.dtype)
         keys, values = list(cache.keys), list(cache.values)
         for i, layer in enumerate(self.layers):

@@ -26,6 +26,9 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
 )
 
 from vicrop_jax.testing.checkpoints import CLIP_MEAN, CLIP_STD, SPECIAL_TOKENS, word_level_tokenizer
@@ -174,4 +177,56 @@ def save_instructblip(folder: Path, config, seed: int = 0, layout: str = "image_
                   "qformer_tokenizer": make_qformer_tokenizer(config.qformer_config.vocab_size)}
     _save_processor(folder, image_processor, tokenizers, InstructBlipProcessor, layout,
                     num_query_tokens=config.num_query_tokens)
+    return model
+
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<unk>"]
+QWEN_WORDS = WORDS + "system You are helpful assistant user".split()
+
+
+def make_qwen_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Qwen2.5-VL's special tokens (no BOS, as Qwen's)."""
+    vocab = QWEN_SPECIAL + list(dict.fromkeys(QWEN_WORDS))
+    vocab += [f"w{i}" for i in range(vocab_size - len(vocab))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>")
+
+
+def qwen2_5_vl_config(*, width: int = 32, num_heads: int = 4, num_kv_heads: int = 2, text_layers: int = 2,
+                      mrope_section=(2, 1, 1), vision_width: int = 32, vision_heads: int = 2, depth: int = 3,
+                      fullatt_block_indexes=(1,), window_size: int = 56, vocab_size: int = 128,
+                      out_hidden_size: int | None = None) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL-shaped config at toy size (patch 14, merge 2, windows of `window_size` pixels)."""
+    token = QWEN_SPECIAL.index
+    text = dict(
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=text_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, vocab_size=vocab_size, initializer_range=0.2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)},
+        bos_token_id=None, eos_token_id=token("<|im_end|>"), pad_token_id=token("<|endoftext|>"),
+    )
+    vision = dict(
+        depth=depth, hidden_size=vision_width, intermediate_size=2 * vision_width, num_heads=vision_heads,
+        out_hidden_size=out_hidden_size or width, fullatt_block_indexes=list(fullatt_block_indexes),
+        window_size=window_size, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2,
+    )
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=token("<|image_pad|>"),
+                            video_token_id=token("<unk>"), vision_start_token_id=token("<|vision_start|>"),
+                            vision_end_token_id=token("<|vision_end|>"))
+
+
+def save_qwen2_5_vl(folder: Path, config: Qwen2_5_VLConfig, seed: int = 0, max_shard_size: str | None = None,
+                    max_pixels: int = 64 * 28 * 28):
+    """Random-weight Qwen2.5-VL with its tokenizer and image processor (preprocessor_config.json: the video
+    processor of processor_config.json needs torchvision); returns the eager float32 torch model."""
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    Qwen2VLImageProcessor(min_pixels=4 * 28 * 28, max_pixels=max_pixels).save_pretrained(folder)
+    make_qwen_tokenizer(config.text_config.vocab_size).save_pretrained(folder)
     return model

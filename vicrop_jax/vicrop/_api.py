@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 import PIL.Image
 
-from vicrop_jax._generation import ImageLike, generate_ids, pixel_values, prompt_inputs, prompt_problem
+from vicrop_jax._generation import ImageLike, generate_ids, pixel_values, prompt_problem
 from vicrop_jax._loading import Model
+from vicrop_jax.families import stack_arrays
 from vicrop_jax.nn.decoding import strip_generated
 from vicrop_jax.preprocessing import load_image
 from vicrop_jax.vicrop import _pipeline
@@ -94,7 +95,7 @@ def _check_question(model: Model, question: str, max_new_tokens: int, short_ques
 
 
 def base_size(model: Model) -> int:
-    return model.config.image_size
+    return model.family.crop_size(model.config)
 
 
 def static_model(model: Model) -> StaticModel:
@@ -114,11 +115,7 @@ def image_array(image: PIL.Image.Image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def map_inputs(model: Model, image: PIL.Image.Image, question: str, method: MapMethod) -> MapInputs:
-    family = model.family
-    question_arrays, general_arrays = family.prompt_arrays(
-        model, [family.prompt(question), family.prompt(method.general_question)])
-    return MapInputs(pixel_values(model, [image])[0], question_arrays, general_arrays,
-                     method.high_pass(image, model.config.image_size))
+    return MapInputs(*model.family.map_inputs(model, image, question, method))
 
 
 def crop_prompts(model: Model, questions: list[str], counts: tuple[int, ...]) -> tuple[list, ...]:
@@ -145,13 +142,16 @@ def device_crop(model: Model, image: ImageLike, box: Sequence[int]) -> np.ndarra
 
 def _single_map(model: Model, image: PIL.Image.Image, question: str, method: MapMethod) -> np.ndarray:
     inputs = map_inputs(model, image, question, method)
-    return np.asarray(_pipeline.importance_program(static_model(model), model.params, inputs, method=method))
+    importance = _pipeline.importance_program(static_model(model), model.params, inputs, method=method)
+    return model.family.host_map(model, image, np.asarray(importance))
 
 
 def whole_prompt_map(model: Model, image: ImageLike, question: str, method: MapMethod) -> np.ndarray:
     """The map from full forwards of whole prompts, also for families whose maps run after a shared prefix."""
-    inputs = map_inputs(model, load_image(image), question, method)
-    return np.asarray(_pipeline.whole_prompt_program(static_model(model), model.params, inputs, method=method))
+    image = load_image(image)
+    importance = _pipeline.whole_prompt_program(static_model(model), model.params,
+                                                map_inputs(model, image, question, method), method=method)
+    return model.family.host_map(model, image, np.asarray(importance))
 
 
 def lower_map(model: Model, image: ImageLike, question: str, method: MapMethod) -> jax.stages.Lowered:
@@ -228,7 +228,8 @@ def answer(model: Model, image: ImageLike, question: str, method: str | Strategy
     static = static_model(model)
     map_question = short_question or question
     if isinstance(strategy, MapMethod):
-        if device_pipeline and not (high_res and max(image.size) > HIGH_RES_THRESHOLD):
+        tiled = high_res and max(image.size) > HIGH_RES_THRESHOLD
+        if device_pipeline and model.family.fixed_resolution and not tiled:
             crop = crop_inputs(model, image, question, strategy.crop_counts)
             out = _pipeline.pipeline(static, model.params, map_inputs(model, image, map_question, strategy), crop,
                                      method=strategy, max_new_tokens=max_new_tokens,
@@ -236,14 +237,13 @@ def answer(model: Model, image: ImageLike, question: str, method: str | Strategy
             return _pipeline_answer(model, strategy, jax.device_get(out), {"total": time.perf_counter() - start})
     boxes, importance = host_boxes(model, image, map_question, strategy, high_res=high_res, bbox=bbox, seed=seed)
     map_done = time.perf_counter()
-    pixels = pixel_values(model, [image])[0]
-    if device_pipeline:
+    if device_pipeline and model.family.fixed_resolution:
         crop = crop_inputs(model, image, question, (len(boxes),))
-        tokens = _pipeline.crop_and_answer(static, model.params, pixels, crop, np.asarray(boxes, np.int32),
-                                           max_new_tokens=max_new_tokens)
+        tokens = _pipeline.crop_and_answer(static, model.params, pixel_values(model, [image])[0], crop,
+                                           np.asarray(boxes, np.int32), max_new_tokens=max_new_tokens)
         texts = _decode(model, tokens.with_crops), _decode(model, tokens.original)
     else:
-        texts = _host_answers(model, image, question, pixels, boxes, max_new_tokens)
+        texts = _host_answers(model, image, question, boxes, max_new_tokens)
     timings = {"map": map_done - start, "answer": time.perf_counter() - map_done, "total": time.perf_counter() - start}
     return Answer(*texts, tuple(_box(box) for box in boxes), importance, timings)
 
@@ -269,8 +269,10 @@ def host_boxes(model: Model, image: PIL.Image.Image, question: str, strategy: St
                bbox: Sequence | None = None, seed: int = 0) -> tuple[list[Box], np.ndarray | None]:
     """(the boxes a map method or a crop baseline chooses, the map or None), on the host path."""
     if isinstance(strategy, MapMethod) and strategy.candidate_names:
+        remedy = "use device_pipeline=True, or" if model.family.fixed_resolution else (
+            f"{model.family.name} crops on the host, where there is no such choice: use")
         raise ValueError(f"method {strategy.name!r} chooses between its maps' answers on the device: it has no "
-                         "single box on the host path (use device_pipeline=True, or one of its map methods "
+                         f"single box on the host path ({remedy} one of its map methods "
                          f"{', '.join(strategy.candidate_names)})")
     if isinstance(strategy, MapMethod):
         importance = importance_map(model, image, question, strategy, high_res=high_res)
@@ -288,28 +290,24 @@ def host_boxes(model: Model, image: PIL.Image.Image, question: str, strategy: St
 def plain_answers(model: Model, images: list[PIL.Image.Image], questions: list[str],
                   max_new_tokens: int) -> list[tuple[str, float]]:
     """(answer, probability of its first token) of each question over its image alone, in one batched program."""
-    family = model.family
-    prompts = _stack(family.prompt_arrays(model, [family.prompt(q) for q in questions]))
-    tokens, confidence = jax.device_get(_pipeline.plain_batch(static_model(model), model.params,
-                                                              pixel_values(model, images), prompts,
+    pixels, prompts = model.family.plain_inputs(model, images, questions)
+    tokens, confidence = jax.device_get(_pipeline.plain_batch(static_model(model), model.params, pixels, prompts,
                                                               max_new_tokens=max_new_tokens))
     return [(_decode(model, t), float(c)) for t, c in zip(tokens, confidence)]
 
 
-def _host_answers(model: Model, image: PIL.Image.Image, question: str, pixels: np.ndarray, boxes,
+def _host_answers(model: Model, image: PIL.Image.Image, question: str, boxes,
                   max_new_tokens: int) -> tuple[str, str]:
-    """The published path: PIL crops, the image processor on the crops, two generations."""
-    family = model.family
-    crops = pixel_values(model, [image.crop(_box(box)) for box in boxes])
-    ids, image_text = prompt_inputs(model, family.prompt(question, 1 + len(boxes)), 1 + len(boxes))
-    with_crop = generate_ids(model, np.concatenate([pixels[None], crops]), ids, max_new_tokens, image_text)
-    ids, image_text = prompt_inputs(model, family.prompt(question, 1), 1)
-    original = generate_ids(model, pixels[None], ids, max_new_tokens, image_text)
-    return model.tokenizer.decode(with_crop), model.tokenizer.decode(original)
+    """The published path: PIL crops, the image processor on the original and the crops, two generations."""
+    crops = [image.crop(_box(box)) for box in boxes]
+    return tuple(_generate(model, images, question, max_new_tokens) for images in ([image, *crops], [image]))
 
 
-def _stack(trees: list) -> Any:
-    return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *trees)
+def _generate(model: Model, images: list[PIL.Image.Image], question: str, max_new_tokens: int) -> str:
+    inputs = model.family.generation_inputs(model, images, model.family.prompt(question, len(images)))
+    pixels, *image_text = inputs.encode_args
+    return model.tokenizer.decode(generate_ids(model, pixels, inputs.ids, max_new_tokens, tuple(image_text),
+                                               inputs.positions, inputs.position_offset))
 
 
 def batch_inputs(model: Model, images: list[PIL.Image.Image], questions: list[str], map_questions: list[str],
@@ -324,12 +322,13 @@ def batch_inputs(model: Model, images: list[PIL.Image.Image], questions: list[st
     *map_prompts, general = family.prompt_arrays(
         model, [family.prompt(q) for q in map_questions] + [family.prompt(method.general_question)])
     high_pass = [method.high_pass(image, model.config.image_size) for image in images]
-    inputs = MapInputs(pixel_values(model, images), _stack(map_prompts), _stack([general] * len(images)),
+    inputs = MapInputs(pixel_values(model, images), stack_arrays(map_prompts),
+                       stack_arrays([general] * len(images)),
                        None if high_pass[0] is None else np.stack(high_pass))
     crop = CropInputs(
         padded, np.stack([size for _, size in arrays]),
-        tuple(_stack(prompts) for prompts in crop_prompts(model, questions, method.crop_counts)),
-        _stack(family.prompt_arrays(model, [family.prompt(q) for q in questions])),
+        tuple(stack_arrays(prompts) for prompts in crop_prompts(model, questions, method.crop_counts)),
+        stack_arrays(family.prompt_arrays(model, [family.prompt(q) for q in questions])),
     )
     return inputs, crop
 
@@ -365,7 +364,7 @@ def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[
                 problem = f"unreadable image: {error}"
         if problem is not None:
             failures.append((i, problem))
-    if not isinstance(strategy, MapMethod) or high_res:
+    if not isinstance(strategy, MapMethod) or high_res or not model.family.fixed_resolution:
         for i, image, question, short in ready:
             try:
                 answers[i] = answer(model, image, question, strategy, short_question=short, high_res=high_res,

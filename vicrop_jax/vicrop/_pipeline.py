@@ -260,16 +260,17 @@ def pipeline_batch(static: StaticModel, params, inputs: MapInputs, crop: CropInp
 
 @functools.partial(jax.jit, static_argnames=("static", "max_new_tokens"))
 def plain_batch(static: StaticModel, params, pixels, prompt: PromptArrays, *, max_new_tokens: int):
-    """The plain answers of a batch (pixels [B,H,W,3], prompts over the original alone) -> (tokens [B, T], the
-    probability of each first token [B]): a gate's first step."""
+    """The plain answers of a batch (pixels with a leading batch axis, prompts over the original alone) ->
+    (tokens [B, T], the probability of each first token [B]): the baseline's answer and a gate's first step."""
     cache_length = prompt.ids.shape[-1] + max_new_tokens
 
     def one(pixels, prompt):
-        features = encode_images(static.module, params, pixels[None], *(t[None] for t in prompt.image_text))[0]
-        return prefill(static.module, params, prompt.ids, prompt.length, features, cache_length)
+        features = static.family.image_features(static.module, params, pixels, prompt)
+        return prefill(static.module, params, prompt.ids, prompt.length, features, cache_length, prompt.positions)
 
     logits, caches = jax.vmap(one)(pixels, prompt)
-    tokens = decode_from(static.module, params, logits, caches, prompt.length, max_new_tokens, static.eos_ids)
+    tokens = decode_from(static.module, params, logits, caches, prompt.length, max_new_tokens, static.eos_ids,
+                         prompt.position_offset)
     return tokens, first_token_confidence(logits)
 
 

@@ -76,7 +76,8 @@ def prompt_run(family: Family, pixels: jax.Array, prompt: PromptArrays, method) 
         features = family.map_features(m, pixels, prompt, method)
         embeds = m.embed(prompt.ids[None], features)
         cache = KVCache.zeros(m.config.text, 1, prompt.ids.shape[0], m.dtype)
-        hidden, _ = m.decode(embeds, cache, 0, (method.layer,))
+        positions = None if prompt.positions is None else prompt.positions[..., None, :]
+        hidden, _ = m.decode(embeds, cache, 0, (method.layer,), positions)
         return m.logits(hidden[0, prompt.length - 1]), None
 
     return run
@@ -140,33 +141,23 @@ def prefill_prefix(module: nn.Module, params: Any, features: jax.Array, prefix_i
     return prefill(module, params, prefix_ids, prefix_ids.shape[0], features, cache_length)[1]
 
 
-def block_mean(values: jax.Array, block: int) -> jax.Array:
-    h, w = values.shape
-    return values.reshape(h // block, block, w // block, block).mean(axis=(1, 3))
-
-
-def pixel_gradient_map(config: Any, gradients: jax.Array, high_pass: jax.Array) -> jax.Array:
-    """pure-grad's map from dS/d(pixels) [2,H,W,3] of the question and the general prompt: the ratio of their
-    per-pixel L2 norms, times the high-pass mask, block-mean over patches."""
-    norms = jnp.linalg.norm(gradients.astype(jnp.float32), axis=-1)
-    return block_mean(norms[0] / norms[1] * high_pass, config.vision.patch_size)
-
-
-def high_pass_mask(image: PIL.Image.Image, resolution: int) -> np.ndarray:
-    """Pure-grad's mask: fine detail above its median, on the image stretched to res x res.
+def high_pass_mask(image: PIL.Image.Image, resolution: int | tuple[int, int]) -> np.ndarray:
+    """Pure-grad's mask [height, width]: fine detail above its median, on the image stretched to res x res (or to
+    (width, height)).
 
     As the published code: bilinear PIL resize (torchvision's TF.resize on PIL), 3x3 Gaussian blur with
     sigma 0.8 and reflect padding (torchvision), median filter of size 7 with scipy's default boundary
     (half-sample symmetric, numpy's 'symmetric').
     """
-    pixels = np.asarray(image.convert("RGB").resize((resolution, resolution), PIL.Image.BILINEAR), np.float32)
+    width, height = (resolution, resolution) if np.isscalar(resolution) else resolution
+    pixels = np.asarray(image.convert("RGB").resize((width, height), PIL.Image.BILINEAR), np.float32)
     pixels = pixels / 255.0
     taps = np.exp(-0.5 * (np.arange(-1, 2) / 0.8) ** 2)
     taps = (taps / taps.sum()).astype(np.float32)
     padded = np.pad(pixels, ((1, 1), (1, 1), (0, 0)), mode="reflect")
-    rows = sum(taps[i] * padded[i: i + resolution] for i in range(3))
-    blurred = sum(taps[j] * rows[:, j: j + resolution] for j in range(3))
+    rows = sum(taps[i] * padded[i: i + height] for i in range(3))
+    blurred = sum(taps[j] * rows[:, j: j + width] for j in range(3))
     detail = np.sqrt(np.square(pixels - blurred).sum(axis=-1))
     windows = np.lib.stride_tricks.sliding_window_view(np.pad(detail, 3, mode="symmetric"), (7, 7))
-    filtered = np.median(windows.reshape(resolution, resolution, 49), axis=-1)
+    filtered = np.median(windows.reshape(height, width, 49), axis=-1)
     return filtered > np.median(filtered)

@@ -28,7 +28,7 @@ from vicrop_jax.prompts import GENERAL_QUESTION
 from vicrop_jax.vicrop.boxes import Box, center_box, grow_box, random_box
 from vicrop_jax.vicrop.maps import (
     PrefixMap, QuestionPass, StaticModel, attention_and_gradient, attention_times_gradient, captured_attention,
-    high_pass_mask, pixel_gradient_map, prefill_prefix, prompt_run, run_plain, score, split_prompt, suffix_run,
+    high_pass_mask, prefill_prefix, prompt_run, run_plain, score, split_prompt, suffix_run,
 )
 
 
@@ -284,7 +284,7 @@ class PureGrad(MapMethod):
 
         # one prompt at a time: a backward pass keeps every layer's activations, two at once would double the peak
         gradients = jax.lax.map(gradient, _both(question, general))
-        return pixel_gradient_map(static.config, gradients, high_pass)
+        return static.family.pixel_gradient_map(static.config, gradients, high_pass, question)
 
     def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length):
         """The prefix forward runs once (`jax.vjp`); for one prompt after the other, the suffix gives a cotangent
@@ -311,7 +311,7 @@ class PureGrad(MapMethod):
         suffixes = stack_prompts(split_prompt(question, prefix_length), split_prompt(general, prefix_length))
         gradients, (logits, caches) = jax.lax.map(prompt_gradients, suffixes)
         question_pass = QuestionPass(logits[0], jax.tree_util.tree_map(lambda c: c[0], caches))
-        importance = pixel_gradient_map(static.config, gradients, high_pass)
+        importance = static.family.pixel_gradient_map(static.config, gradients, high_pass, question)
         return PrefixMap(importance, features, cache.padded(cache_length), question_pass)
 
 

@@ -1,0 +1,212 @@
+"""Qwen2.5-VL: each image at its own resolution (`smart_resize`), one `<|image_pad|>` per image expanded to its
+merged-token count, rotary positions on three axes (`rope_positions`), a chat-format prompt.
+
+On the device an image is its patch rows padded to a bucket (`pixels` [N, F]); the layout of the patches (their
+grid positions, images, windows) travels with each prompt (`PromptArrays.image_text`), so that pure-grad
+differentiates the patches alone. A map program returns the map over the bucket's merged tokens [N / 4], read on
+the host as the image's own token grid (`host_map`): the grid, and so the crop's size and token count, differ
+per image, and the crops are made on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from vicrop_jax.families._base import Family, GenerationInputs, PromptArrays, head_mean, stack_arrays
+from vicrop_jax.nn.decoding import bucket_length
+from vicrop_jax.nn.llama import ATTENTION_PROBS
+from vicrop_jax.nn.qwen2_5_vl import QwenVL, QwenVLConfig
+from vicrop_jax.nn.qwen_vit import VisionPatches, vision_patches
+from vicrop_jax.prompts import QWEN_IMAGE, qwen2_5_vl_prompt
+from vicrop_jax.qwen_preprocessing import (QwenImage, QwenImageProcessorConfig, image_grid, preprocess_qwen,
+                                           resized_size)
+from weights_conversion.qwen2_5_vl_table import QWEN_KEY_ALIASES, qwen2_5_vl_table
+
+IMAGE_PAD = "<|image_pad|>"
+PATCH_BUCKET = 256  # a prompt's patches are padded to a multiple of this (64 merged tokens): one compile per bucket
+MAP_MAX_PIXELS = 256 * 28 * 28  # the release's image budget for Qwen2.5-VL (at most 256 merged tokens)
+CROP_SIZE = 224  # the release's smallest crop box for Qwen2.5-VL
+
+
+def patch_bucket(patches: int) -> int:
+    return max(PATCH_BUCKET, -(-patches // PATCH_BUCKET) * PATCH_BUCKET)
+
+
+def merged_grid(config: QwenVLConfig, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+    """An image's grid of patches (t, h, w) -> its grid of LM tokens."""
+    merge = config.vision.spatial_merge_size
+    return grid[0], grid[1] // merge, grid[2] // merge
+
+
+def rope_positions(config: QwenVLConfig, ids: Sequence[int], grids: Sequence[tuple[int, int, int]]
+                   ) -> tuple[np.ndarray, int]:
+    """Multimodal rotary positions [3, T] of a prompt's tokens, and how far the answer's positions run ahead of
+    its slots, as transformers' `get_rope_index` makes them for still images: text advances all three axes by
+    one; an image's tokens take (start, start + row, start + col); the text after it starts at start + the
+    longer side of its token grid."""
+    ids = np.asarray(ids)
+    positions = np.zeros((3, len(ids)), np.int64)
+    is_image = ids == config.image_token_id
+    grids = iter(grids)
+    index, current = 0, 0
+    while index < len(ids):
+        if not is_image[index]:
+            positions[:, index] = current
+            index, current = index + 1, current + 1
+            continue
+        t, h, w = merged_grid(config, next(grids))
+        rows, cols = np.divmod(np.arange(t * h * w) % (h * w), w)
+        stop = index + t * h * w
+        positions[0, index:stop] = current + np.arange(t * h * w) // (h * w)
+        positions[1, index:stop] = current + rows
+        positions[2, index:stop] = current + cols
+        index, current = stop, current + max(h, w)
+    return positions.astype(np.int32), int(positions.max(initial=-1)) + 1 - len(ids)
+
+
+def patch_rows(values: np.ndarray, patch: int, merge: int) -> np.ndarray:
+    """A per-pixel array [H, W] of the resized image -> [N, P, P] in the processor's patch order (merge units
+    together), so that it lines up with the patch rows."""
+    height, width = values.shape
+    blocks = values.reshape(height // patch // merge, merge, patch, width // patch // merge, merge, patch)
+    return blocks.transpose(0, 3, 1, 4, 2, 5).reshape(-1, patch, patch)
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenFamily(Family):
+    fixed_resolution: ClassVar[bool] = False
+    map_max_pixels: int = MAP_MAX_PIXELS  # the map pass's image budget (the answers use the checkpoint's)
+
+    def read_image_config(self, processor: dict[str, Any]) -> QwenImageProcessorConfig:
+        return QwenImageProcessorConfig.from_preprocessor_config(processor)
+
+    def init_inputs(self, config: QwenVLConfig) -> tuple[Any, ...]:
+        """One image of one merged token (a merge unit of patches) and its placeholder."""
+        unit = config.merge_unit
+        merge = config.vision.spatial_merge_size
+        features = config.vision.in_channels * config.vision.temporal_patch_size * config.vision.patch_size**2
+        patches = vision_patches([np.zeros((unit, features), np.float32)], [(1, merge, merge)], config.vision, unit)
+        batch = VisionPatches(*(np.asarray(leaf)[None] for leaf in patches))
+        return np.full((1, 1), config.image_token_id, np.int32), batch, np.zeros((1, 3, 1), np.int32)
+
+    def prompt(self, question: str, num_images: int = 1) -> str:
+        return qwen2_5_vl_prompt(question, num_images)
+
+    def most_image_tokens(self, model) -> int:
+        """The LM tokens of an image at the processor's largest size (a bound for checks made before the images
+        are read)."""
+        return model.image_config.max_pixels // model.image_config.factor**2
+
+    def prompt_inputs(self, model, prompt: str, num_images: int, image_tokens: Sequence[int] | None = None):
+        """Each `<|image_pad|>` becomes one position per merged token of its image (`image_tokens`, in order;
+        without them, the most an image can take); no extra image inputs."""
+        ids = model.tokenizer.encode(prompt)
+        image_id = model.config.image_token_id
+        found = ids.count(image_id)
+        if found != num_images:
+            raise ValueError(
+                f"the prompt has {found} {IMAGE_PAD} marker(s) but {num_images} image(s) were given; put one "
+                f"{QWEN_IMAGE} per image where it belongs (see vicrop_jax.prompts.qwen2_5_vl_prompt)"
+            )
+        counts = iter(image_tokens if image_tokens is not None else [self.most_image_tokens(model)] * num_images)
+        expanded: list[int] = []
+        for token in ids:
+            expanded.extend([token] * next(counts) if token == image_id else [token])
+        return expanded, ()
+
+    def image_patches(self, model, images: Sequence[QwenImage], length: int | None = None) -> VisionPatches:
+        """One prompt's processed images as the vision tower's input, padded to `length` (default: its bucket)."""
+        total = sum(len(image.patches) for image in images)
+        return vision_patches([image.patches for image in images], [image.grid for image in images],
+                              model.config.vision, length or patch_bucket(total))
+
+    def image_prompts(self, model, image_sets: Sequence[Sequence[Any]], prompts: Sequence[str],
+                      max_pixels: int | None = None) -> tuple[np.ndarray, list[PromptArrays]]:
+        """Each prompt over its images: their patch rows, all padded to one bucket [n, N, F], and the prompts, all
+        padded to one length bucket, with their images' layout, rotary positions and answer offsets."""
+        processed = [[preprocess_qwen(image, model.image_config, max_pixels) for image in images]
+                     for images in image_sets]
+        length = max(patch_bucket(sum(len(image.patches) for image in images)) for images in processed)
+        encoded = []
+        for images, prompt in zip(processed, prompts):
+            tokens = [int(np.prod(merged_grid(model.config, image.grid))) for image in images]
+            ids, _ = self.prompt_inputs(model, prompt, len(images), tokens)
+            encoded.append((ids, self.image_patches(model, images, length), images))
+        bucket = bucket_length(max(len(ids) for ids, _, _ in encoded))
+        patches, arrays = [], []
+        for ids, layout, images in encoded:
+            positions, offset = rope_positions(model.config, ids, [image.grid for image in images])
+            padded = np.zeros(bucket, np.int32)
+            padded[: len(ids)] = ids
+            arrays.append(PromptArrays(padded, np.int32(len(ids)), tuple(layout[1:]),
+                                       np.pad(positions, ((0, 0), (0, bucket - len(ids)))), np.int32(offset)))
+            patches.append(layout.patches)
+        return np.stack(patches), arrays
+
+    def plain_inputs(self, model, images, questions):
+        patches, prompts = self.image_prompts(model, [[image] for image in images],
+                                              [self.prompt(q) for q in questions])
+        return patches, stack_arrays(prompts)
+
+    def map_inputs(self, model, image, question: str, method):
+        """The image at the map pass's budget; pure-grad's mask on the resized image, in patch rows [N, P, P]."""
+        patches, (question_arrays, general_arrays) = self.image_prompts(
+            model, [[image], [image]], [self.prompt(question), self.prompt(method.general_question)],
+            self.map_max_pixels)
+        size = resized_size(*image.size, model.image_config, self.map_max_pixels)
+        high_pass = method.high_pass(image, size)
+        if high_pass is not None:
+            vision = model.config.vision
+            rows = patch_rows(high_pass, vision.patch_size, vision.spatial_merge_size)
+            high_pass = np.pad(rows, ((0, patches.shape[1] - len(rows)), (0, 0), (0, 0)))
+        return patches[0], question_arrays, general_arrays, high_pass
+
+    def host_map(self, model, image, importance: np.ndarray) -> np.ndarray:
+        """The map over the bucket's merged tokens [..., M] -> the image's token grid [..., gh, gw]."""
+        _, gh, gw = merged_grid(model.config, image_grid(*image.size, model.image_config, self.map_max_pixels))
+        return importance[..., : gh * gw].reshape(*importance.shape[:-1], gh, gw)
+
+    def crop_size(self, config: QwenVLConfig) -> int:
+        return CROP_SIZE
+
+    def map_features(self, module, pixels, prompt: PromptArrays, method):
+        return module.encode_images(VisionPatches(pixels, *prompt.image_text))[None]
+
+    def image_features(self, module, params, pixels, prompt: PromptArrays):
+        return module.apply({"params": params}, VisionPatches(pixels, *prompt.image_text), method="encode_images")
+
+    def attention_map(self, config: QwenVLConfig, read, query_row, prompt: PromptArrays, method):
+        """The LM layer's attention from the query row to the image's merged tokens, over the bucket's M token
+        slots [M] (1 beyond the image's own tokens, which the host drops)."""
+        slots = prompt.image_text[0].shape[0] // config.merge_unit
+        is_image = prompt.ids == config.image_token_id
+        where = jnp.argmax(is_image) + jnp.arange(slots)
+        row = jnp.take(read(ATTENTION_PROBS), query_row, axis=1)  # [N, S]
+        attention = head_mean(jnp.take(row, jnp.minimum(where, row.shape[1] - 1), axis=1), method.heads)
+        return jnp.where(jnp.arange(slots) < is_image.sum(), attention, 1.0).astype(jnp.float32)
+
+    def pixel_gradient_map(self, config: QwenVLConfig, gradients, high_pass, prompt: PromptArrays):
+        """pure-grad on the patch rows [2, N, C*T*P*P]: a pixel's gradient sums over the image's repeated frames;
+        the ratio of the per-pixel norms, masked, is averaged over each merged token's pixels -> [N / 4]."""
+        vision = config.vision
+        channels, frames, patch = vision.in_channels, vision.temporal_patch_size, vision.patch_size
+        pixels = gradients.astype(jnp.float32).reshape(2, -1, channels, frames, patch, patch).sum(axis=3)
+        norms = jnp.linalg.norm(pixels, axis=2)  # [2, N, P, P]
+        ratio = jnp.where(high_pass > 0, norms[0] / jnp.where(high_pass > 0, norms[1], 1.0), 0.0) * high_pass
+        return ratio.reshape(-1, config.merge_unit * patch * patch).mean(axis=1)
+
+    def generation_inputs(self, model, images, prompt: str) -> GenerationInputs:
+        processed = [preprocess_qwen(image, model.image_config) for image in images]
+        tokens = [int(np.prod(merged_grid(model.config, image.grid))) for image in processed]
+        ids, _ = self.prompt_inputs(model, prompt, len(images), tokens)
+        positions, offset = rope_positions(model.config, ids, [image.grid for image in processed])
+        return GenerationInputs(ids, (self.image_patches(model, processed),), positions, offset)
+
+
+
+QWEN2_5_VL = QwenFamily(name="qwen2_5_vl", config_class=QwenVLConfig, module_class=QwenVL,
+                        conversion_table=qwen2_5_vl_table, default_map_layer=22, key_aliases=QWEN_KEY_ALIASES)
