@@ -13,7 +13,6 @@ from transformers import Qwen2VLImageProcessor
 import vicrop_jax
 from vicrop_jax._generation import encode_images
 from vicrop_jax.cli import main
-from vicrop_jax.families.qwen2_5_vl import MAP_MAX_PIXELS
 from vicrop_jax.nn.decoding import greedy_generate
 from vicrop_jax.prompts import GENERAL_QUESTION, qwen2_5_vl_prompt
 from vicrop_jax.testing.hf_models import noise_image, qwen2_5_vl_config, save_qwen2_5_vl
@@ -41,7 +40,8 @@ def case(request, tmp_path_factory):
 
 def torch_inputs(model, image, question):
     """transformers' inputs of a map prompt: its image processor at the map budget, our expanded ids."""
-    processor = Qwen2VLImageProcessor(min_pixels=model.image_config.min_pixels, max_pixels=MAP_MAX_PIXELS)
+    processor = Qwen2VLImageProcessor(min_pixels=model.image_config.min_pixels,
+                                      max_pixels=model.family.pixel_budget(model))
     processed = processor(images=[image], return_tensors="pt")
     _, h, w = processed["image_grid_thw"][0].tolist()
     prompt = qwen2_5_vl_prompt(question)
@@ -55,19 +55,18 @@ def torch_inputs(model, image, question):
 def test_maps_equal_transformers_and_autograd_on_the_image_grid(case, method):
     model, torch_model, image = case
     ours = vicrop_jax.importance_map(model, image, QUESTION, method)
-    size = resized_size(*image.size, model.image_config, MAP_MAX_PIXELS)
+    size = resized_size(*image.size, model.image_config, model.family.pixel_budget(model))
     mask = high_pass_mask(image, size) if method == "pure_grad" else None
     layer = model.config.text.num_layers // 2
     expected = torch_reference.qwen2_5_vl_maps(
         torch_model, torch_inputs(model, image, QUESTION), torch_inputs(model, image, GENERAL_QUESTION),
         method=method, layer=layer, high_pass=mask)
-    _, h, w = (d // 28 for d in (1, size[1] * 1, size[0]))  # the merged grid of the resized image
     assert ours.shape == expected.shape == (size[1] // 28, size[0] // 28)
     assert np.isfinite(ours).all() and ours.std() > 0
     np.testing.assert_allclose(ours, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
 
 
-def compiled(method_programs=()):
+def compiled():
     return (sum(p._cache_size() for p in _pipeline.importance_program.programs)
             + greedy_generate._cache_size() + encode_images._cache_size())
 
@@ -87,8 +86,9 @@ def test_answer_runs_every_method_and_a_second_question_compiles_nothing(case, m
             assert 0 <= left < right <= image.width and 0 <= top < bottom <= image.height
     assert (len(first.boxes) == 0) == (method == "none")
     if method in ("rel_att", "grad_att", "pure_grad"):
+        budget = model.family.pixel_budget(model)
         assert first.importance.shape == tuple(d // 28 for d in resized_size(*image.size, model.image_config,
-                                                                              MAP_MAX_PIXELS))[::-1]
+                                                                              budget))[::-1]
 
 
 def test_the_crop_answers_as_a_second_image(case):

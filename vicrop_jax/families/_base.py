@@ -109,8 +109,9 @@ class Family(abc.ABC):
     def prompt_inputs(self, model, prompt: str, num_images: int) -> tuple[list[int], tuple[np.ndarray, ...]]:
         """LM token ids with image placeholders, and the extra inputs of `encode_images` per image [n, ...]."""
 
-    def generation_inputs(self, model, images: list, prompt: str) -> GenerationInputs:
-        """The inputs of `generate` for a prompt over images (anything `load_image` reads)."""
+    def generation_inputs(self, model, images: list, prompt: str, vicrop: bool = False) -> GenerationInputs:
+        """The inputs of `generate` for a prompt over images (anything `load_image` reads); `vicrop`: as ViCrop's
+        answers see them (a family may give them another image budget than `generate`)."""
         ids, image_text = self.prompt_inputs(model, prompt, len(images))
         return GenerationInputs(ids, (preprocess_batch(images, model.image_config), *image_text))
 

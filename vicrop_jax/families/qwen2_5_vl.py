@@ -28,7 +28,7 @@ from weights_conversion.qwen2_5_vl_table import QWEN_KEY_ALIASES, qwen2_5_vl_tab
 
 IMAGE_PAD = "<|image_pad|>"
 PATCH_BUCKET = 256  # a prompt's patches are padded to a multiple of this (64 merged tokens): one compile per bucket
-MAP_MAX_PIXELS = 256 * 28 * 28  # the release's image budget for Qwen2.5-VL (at most 256 merged tokens)
+VICROP_MAX_PIXELS = 256 * 28 * 28  # the release's image budget for Qwen2.5-VL (at most 256 merged tokens)
 CROP_SIZE = 224  # the release's smallest crop box for Qwen2.5-VL
 
 
@@ -79,7 +79,13 @@ def patch_rows(values: np.ndarray, patch: int, merge: int) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class QwenFamily(Family):
     fixed_resolution: ClassVar[bool] = False
-    map_max_pixels: int = MAP_MAX_PIXELS  # the map pass's image budget (the answers use the checkpoint's)
+    # ViCrop's image budget (maps and answers, the release's), never above the checkpoint's processor's;
+    # `generate` uses the processor's own
+    vicrop_max_pixels: int = VICROP_MAX_PIXELS
+
+    def pixel_budget(self, model) -> int:
+        """The most pixels ViCrop's passes give an image (original or crop)."""
+        return min(self.vicrop_max_pixels, model.image_config.max_pixels)
 
     def read_image_config(self, processor: dict[str, Any]) -> QwenImageProcessorConfig:
         return QwenImageProcessorConfig.from_preprocessor_config(processor)
@@ -149,15 +155,15 @@ class QwenFamily(Family):
 
     def plain_inputs(self, model, images, questions):
         patches, prompts = self.image_prompts(model, [[image] for image in images],
-                                              [self.prompt(q) for q in questions])
+                                              [self.prompt(q) for q in questions], self.pixel_budget(model))
         return patches, stack_arrays(prompts)
 
     def map_inputs(self, model, image, question: str, method):
         """The image at the map pass's budget; pure-grad's mask on the resized image, in patch rows [N, P, P]."""
         patches, (question_arrays, general_arrays) = self.image_prompts(
             model, [[image], [image]], [self.prompt(question), self.prompt(method.general_question)],
-            self.map_max_pixels)
-        size = resized_size(*image.size, model.image_config, self.map_max_pixels)
+            self.pixel_budget(model))
+        size = resized_size(*image.size, model.image_config, self.pixel_budget(model))
         high_pass = method.high_pass(image, size)
         if high_pass is not None:
             vision = model.config.vision
@@ -167,7 +173,8 @@ class QwenFamily(Family):
 
     def host_map(self, model, image, importance: np.ndarray) -> np.ndarray:
         """The map over the bucket's merged tokens [..., M] -> the image's token grid [..., gh, gw]."""
-        _, gh, gw = merged_grid(model.config, image_grid(*image.size, model.image_config, self.map_max_pixels))
+        _, gh, gw = merged_grid(model.config, image_grid(*image.size, model.image_config,
+                                                                    self.pixel_budget(model)))
         return importance[..., : gh * gw].reshape(*importance.shape[:-1], gh, gw)
 
     def crop_size(self, config: QwenVLConfig) -> int:
@@ -199,8 +206,9 @@ class QwenFamily(Family):
         ratio = jnp.where(high_pass > 0, norms[0] / jnp.where(high_pass > 0, norms[1], 1.0), 0.0) * high_pass
         return ratio.reshape(-1, config.merge_unit * patch * patch).mean(axis=1)
 
-    def generation_inputs(self, model, images, prompt: str) -> GenerationInputs:
-        processed = [preprocess_qwen(image, model.image_config) for image in images]
+    def generation_inputs(self, model, images, prompt: str, vicrop: bool = False) -> GenerationInputs:
+        budget = self.pixel_budget(model) if vicrop else None
+        processed = [preprocess_qwen(image, model.image_config, budget) for image in images]
         tokens = [int(np.prod(merged_grid(model.config, image.grid))) for image in processed]
         ids, _ = self.prompt_inputs(model, prompt, len(images), tokens)
         positions, offset = rope_positions(model.config, ids, [image.grid for image in processed])

@@ -304,7 +304,7 @@ def _host_answers(model: Model, image: PIL.Image.Image, question: str, boxes,
 
 
 def _generate(model: Model, images: list[PIL.Image.Image], question: str, max_new_tokens: int) -> str:
-    inputs = model.family.generation_inputs(model, images, model.family.prompt(question, len(images)))
+    inputs = model.family.generation_inputs(model, images, model.family.prompt(question, len(images)), vicrop=True)
     pixels, *image_text = inputs.encode_args
     return model.tokenizer.decode(generate_ids(model, pixels, inputs.ids, max_new_tokens, tuple(image_text),
                                                inputs.positions, inputs.position_offset))
