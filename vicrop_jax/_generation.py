@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 
 from vicrop_jax._loading import Model
-from vicrop_jax.nn.decoding import greedy_generate, pad_prompt, strip_generated
+from vicrop_jax.nn.decoding import bucket_length, greedy_generate, strip_generated
 from vicrop_jax.preprocessing import preprocess_batch
 
 ImageLike = str | os.PathLike | PIL.Image.Image | np.ndarray
@@ -68,12 +68,14 @@ def check_prompt(model: Model, prompt: str, num_images: int, max_new_tokens: int
 
 def generate_ids(
     model: Model, pixels: Any, ids: list[int], max_new_tokens: int = 20, image_text: tuple = (),
-    positions: np.ndarray | None = None, position_offset: int | None = None,
+    positions: np.ndarray | None = None, position_offset: int | None = None, bucket: int | None = None,
 ) -> list[int]:
     """Greedy token ids (EOS included when reached) for one prompt and its preprocessed images (and, for
-    multimodal RoPE, the prompt's positions [3, T] and the answer's offset)."""
+    multimodal RoPE, the prompt's positions [3, T] and the answer's offset), the prompt padded to `bucket`."""
     features = encode_images(model.module, model.params, pixels, *image_text)
-    padded, length = pad_prompt(ids)
+    length = len(ids)
+    padded = np.zeros(bucket or bucket_length(length), np.int32)
+    padded[:length] = ids
     if positions is not None:
         positions = np.pad(positions, ((0, 0), (0, len(padded) - length)))[None]
         position_offset = np.array([position_offset], np.int32)
@@ -97,5 +99,5 @@ def generate(model: Model, images: ImageLike | Sequence[ImageLike], prompt: str,
     inputs = model.family.generation_inputs(model, images, prompt)
     pixels, *image_text = inputs.encode_args
     tokens = generate_ids(model, pixels, inputs.ids, max_new_tokens, tuple(image_text), inputs.positions,
-                          inputs.position_offset)
+                          inputs.position_offset, inputs.bucket)
     return model.tokenizer.decode(tokens)

@@ -30,6 +30,7 @@ class GenerationInputs(NamedTuple):
     encode_args: tuple  # the arguments of the model's `encode_images` after the parameters
     positions: np.ndarray | None = None  # [3, T] rotary positions where they are not the token's index
     position_offset: int | None = None  # how far the answer's rotary positions run ahead of its cache slots
+    bucket: int | None = None  # the padded prompt length, where the family sets it (default: the next multiple of 32)
 
 
 class PromptArrays(NamedTuple):

@@ -36,6 +36,14 @@ def patch_bucket(patches: int) -> int:
     return max(PATCH_BUCKET, -(-patches // PATCH_BUCKET) * PATCH_BUCKET)
 
 
+def prompt_bucket(config: QwenVLConfig, ids: Sequence[int], patches: int) -> int:
+    """The padded length of a prompt over images padded to `patches` rows: the length it would have if its images
+    filled their bucket, so that a patch bucket and a question's length bucket fix the program's shapes (the
+    image's own token count, which varies within a patch bucket, does not)."""
+    text = len(ids) - sum(1 for token in ids if token == config.image_token_id)
+    return bucket_length(text + patches // config.merge_unit)
+
+
 def merged_grid(config: QwenVLConfig, grid: tuple[int, int, int]) -> tuple[int, int, int]:
     """An image's grid of patches (t, h, w) -> its grid of LM tokens."""
     merge = config.vision.spatial_merge_size
@@ -103,9 +111,9 @@ class QwenFamily(Family):
         return qwen2_5_vl_prompt(question, num_images)
 
     def most_image_tokens(self, model) -> int:
-        """The LM tokens of an image at the processor's largest size (a bound for checks made before the images
-        are read)."""
-        return model.image_config.max_pixels // model.image_config.factor**2
+        """The LM tokens of an image at ViCrop's largest size (a bound for checks made before the images are
+        read; `generate` checks the prompt it builds)."""
+        return self.pixel_budget(model) // model.image_config.factor**2
 
     def prompt_inputs(self, model, prompt: str, num_images: int, image_tokens: Sequence[int] | None = None):
         """Each `<|image_pad|>` becomes one position per merged token of its image (`image_tokens`, in order;
@@ -142,7 +150,7 @@ class QwenFamily(Family):
             tokens = [int(np.prod(merged_grid(model.config, image.grid))) for image in images]
             ids, _ = self.prompt_inputs(model, prompt, len(images), tokens)
             encoded.append((ids, self.image_patches(model, images, length), images))
-        bucket = bucket_length(max(len(ids) for ids, _, _ in encoded))
+        bucket = max(prompt_bucket(model.config, ids, length) for ids, _, _ in encoded)
         patches, arrays = [], []
         for ids, layout, images in encoded:
             positions, offset = rope_positions(model.config, ids, [image.grid for image in images])
@@ -212,7 +220,13 @@ class QwenFamily(Family):
         tokens = [int(np.prod(merged_grid(model.config, image.grid))) for image in processed]
         ids, _ = self.prompt_inputs(model, prompt, len(images), tokens)
         positions, offset = rope_positions(model.config, ids, [image.grid for image in processed])
-        return GenerationInputs(ids, (self.image_patches(model, processed),), positions, offset)
+        limit = model.config.text.max_position_embeddings
+        if len(ids) > limit:
+            raise ValueError(f"prompt too long: {len(ids)} tokens with its images, the model allows {limit}; give "
+                             "smaller images or a processor with a smaller max_pixels")
+        patches = self.image_patches(model, processed)
+        bucket = prompt_bucket(model.config, ids, len(patches.patches))
+        return GenerationInputs(ids, (patches,), positions, offset, bucket)
 
 
 

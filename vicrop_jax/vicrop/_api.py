@@ -307,7 +307,7 @@ def _generate(model: Model, images: list[PIL.Image.Image], question: str, max_ne
     inputs = model.family.generation_inputs(model, images, model.family.prompt(question, len(images)), vicrop=True)
     pixels, *image_text = inputs.encode_args
     return model.tokenizer.decode(generate_ids(model, pixels, inputs.ids, max_new_tokens, tuple(image_text),
-                                               inputs.positions, inputs.position_offset))
+                                               inputs.positions, inputs.position_offset, inputs.bucket))
 
 
 def batch_inputs(model: Model, images: list[PIL.Image.Image], questions: list[str], map_questions: list[str],
