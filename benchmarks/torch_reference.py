@@ -450,22 +450,25 @@ def _median_filter(x: np.ndarray, size: int = 7) -> np.ndarray:
     return np.median(windows.reshape(*x.shape, size * size), axis=-1).astype(x.dtype)
 
 
-def high_pass_map(image: PIL.Image.Image, resolution: int, median_size: int = 7, blur_size: int = 3) -> np.ndarray:
+def high_pass_map(image: PIL.Image.Image, resolution: int | tuple[int, int], median_size: int = 7,
+                  blur_size: int = 3) -> np.ndarray:
     """The published `high_pass_filter(image, resolution, reduce=False)`, float32 [res, res].
 
     `TF.resize(pil, (res, res))` is PIL's own bilinear resize (antialiased), aspect not kept;
     `TF.to_tensor` gives floats in [0, 1]; h = image - blur; L2 norm over channels; median filter.
     The image is converted to RGB (the published pipeline opens every image with .convert('RGB')).
+    A (width, height) `resolution` gives [height, width] (Qwen2.5-VL: the image as its processor resizes it).
     """
-    resized = image.convert("RGB").resize((resolution, resolution), PIL.Image.BILINEAR)
+    size = (resolution, resolution) if np.isscalar(resolution) else tuple(resolution)
+    resized = image.convert("RGB").resize(size, PIL.Image.BILINEAR)
     pixels = (np.asarray(resized, dtype=np.float32) / np.float32(255.0)).transpose(2, 0, 1)
     high = pixels - _gaussian_blur(pixels, blur_size)
     brightness = np.sqrt(np.square(high).sum(axis=0))
     return _median_filter(brightness, median_size)
 
 
-def high_pass_mask(image: PIL.Image.Image, resolution: int) -> np.ndarray:
-    """Boolean [res, res] mask of the published pure-grad: high_pass_map > its median."""
+def high_pass_mask(image: PIL.Image.Image, resolution: int | tuple[int, int]) -> np.ndarray:
+    """Boolean [res, res] mask of the published pure-grad: high_pass_map > its median ([H, W] for (W, H))."""
     h = high_pass_map(image, resolution)
     return h > np.median(h)
 
@@ -572,3 +575,130 @@ def vicrop_llava(model, tokenizer, image_processor, image: PIL.Image.Image, ques
     both = image_processor([image, image.crop(bbox)], return_tensors="pt")["pixel_values"]
     crop = _generate(model, llava_prompt_ids(model, tokenizer, question, 2), both, max_new_tokens)
     return {"original": original, "crop": crop, "bbox": bbox, "map": att_map}
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole release procedure for one Qwen2.5-VL question (run.py `vicrop_qa`, model "qwen2_5")
+# ----------------------------------------------------------------------------------------------
+
+QWEN_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{images}{question}"
+                 "<|im_end|>\n<|im_start|>assistant\n")
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_ANSWER_SUFFIX = " Answer the question using a single word or phrase."
+QWEN_MAX_PIXELS = 256 * 28 * 28  # run.py: the processor's max_pixels (its size["longest_edge"]) for Qwen2.5-VL
+QWEN_BBOX_SIZE = 224  # run.py: bbox_size of "qwen2_5"
+# qwen_vl_utils' fetch_image defaults (IMAGE_FACTOR, MIN_PIXELS, MAX_PIXELS), the release's resize before the processor
+QWEN_VL_UTILS_FACTOR, QWEN_VL_UTILS_MIN_PIXELS, QWEN_VL_UTILS_MAX_PIXELS = 28, 4 * 28 * 28, 16384 * 28 * 28
+
+
+def qwen_image_processor(folder, max_pixels: int = QWEN_MAX_PIXELS):
+    """The checkpoint's Qwen2-VL image processor (its min_pixels, resampling, normalisation) with the release's
+    `max_pixels`. The PIL backend, the one `Qwen2VLImageProcessor` resolves to without torchvision (and the one
+    vicrop_jax reproduces bit for bit); `Qwen2_5_VLProcessor` is not used: its video processor needs torchvision."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil.from_pretrained(folder, max_pixels=max_pixels)
+
+
+def qwen_vl_utils_resize(image: PIL.Image.Image) -> PIL.Image.Image:
+    """What the release's `process_vision_info` (qwen_vl_utils `fetch_image`, default arguments) does to an image
+    before the processor sees it: RGB, then each side rounded to a multiple of 28 (the area kept within
+    [4, 16384] * 28 * 28, aspect ratio at most 200) and PIL's default resampling (bicubic). The processor then
+    resizes this image again, to its own max_pixels."""
+    import math
+
+    image = image.convert("RGB")
+    width, height = image.size
+    if max(width, height) / min(width, height) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(width, height) / min(width, height)}")
+    factor = QWEN_VL_UTILS_FACTOR
+    new_height, new_width = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if new_height * new_width > QWEN_VL_UTILS_MAX_PIXELS:
+        beta = math.sqrt(height * width / QWEN_VL_UTILS_MAX_PIXELS)
+        new_height, new_width = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif new_height * new_width < QWEN_VL_UTILS_MIN_PIXELS:
+        beta = math.sqrt(QWEN_VL_UTILS_MIN_PIXELS / (height * width))
+        new_height, new_width = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return image.resize((new_width, new_height))
+
+
+def qwen2_5_vl_inputs(model, tokenizer, image_processor, images: Sequence[PIL.Image.Image], prompt: str) -> dict:
+    """The model's inputs for a chat prompt over `images`, as `prepare_qwen2_5_input` makes them with the processor:
+    the chat template's text (`QWEN_TEMPLATE`, the default system prompt, the images first), each
+    `<|image_pad|>` expanded to one id per merged token of its image, the image processor's pixel_values and
+    image_grid_thw, and `mm_token_type_ids` (1 on image tokens), which transformers 5.x's rotary index needs."""
+    processed = image_processor(images=list(images), return_tensors="pt")
+    merge = model.config.vision_config.spatial_merge_size
+    counts = iter((processed["image_grid_thw"].prod(dim=-1) // merge**2).tolist())
+    image_id = model.config.image_token_id
+    text = QWEN_TEMPLATE.format(images=QWEN_IMAGE * len(images), question=prompt)
+    ids: list[int] = []
+    for token in tokenizer(text)["input_ids"]:
+        ids.extend([token] * next(counts) if token == image_id else [token])
+    input_ids = torch.tensor([ids])
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"],
+                mm_token_type_ids=(input_ids == image_id).int())
+
+
+def _qwen_generate(model, tokenizer, inputs: dict, max_new_tokens: int) -> str:
+    """Greedy answer, the prompt trimmed, decoded as the release does (special tokens skipped, no clean-up)."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:].tolist(), skip_special_tokens=True,
+                            clean_up_tokenization_spaces=False)
+
+
+def vicrop_qwen2_5_vl(model, tokenizer, image_processor, image: PIL.Image.Image, question: str, method: str, *,
+                      layer: int = 22, max_new_tokens: int = 20, bbox_size: int = QWEN_BBOX_SIZE,
+                      general_question: str = "Write a general description of the image.",
+                      release_resize: bool = False) -> tuple[str, str, tuple[int, int, int, int] | None]:
+    """The release's per-question Qwen2.5-VL procedure (run.py `vicrop_qa` for "qwen2_5") on transformers:
+    the map over the image (two forwards with all attentions for rel_att), `select_bbox_published` on the
+    original image's size with `bbox_size` 224, the PIL crop of the original image, the answer over the image
+    alone and the answer over [image, crop] (`model.generate(..., max_new_tokens, do_sample=False)`).
+    Returns (original answer, answer with the crop, box); method "none" returns the original answer twice and
+    no box. `image_processor`: `qwen_image_processor(folder)`; `tokenizer`: the checkpoint's.
+
+    Where this follows the release, and where not:
+    - Prompts: the question plus " Answer the question using a single word or phrase." in Qwen's chat template,
+      for the map, the original answer and the two-image answer alike; the general prompt gets the same suffix.
+    - rel_att is the release's `rel_attention_qwen2_5` (LM layer `layer`, 22 in the release; head mean of the
+      last position's attention to the tokens between <|vision_start|> and <|vision_end|>; question / general;
+      on the merged-token grid), through `qwen2_5_vl_maps`. The release's Qwen branch computes rel_att whatever
+      the method; grad_att and pure_grad here are `qwen2_5_vl_maps`' (as for LLaVA, on the image's own grid;
+      pure_grad's high-pass mask on the image as the processor resizes it).
+    - The forwards of the map run under `torch.no_grad` with `logits_to_keep=1`; the release keeps the autograd
+      graph and every position's logits. That only costs the release time and memory, not a different map.
+    - float32 and eager attention (the release: bfloat16, the default attention, which falls back to eager for
+      `output_attentions`).
+    - Preprocessing: the release passes every image (and the crop) through qwen_vl_utils' `fetch_image` first, a
+      bicubic resize to multiples of 28 (`qwen_vl_utils_resize`), and the processor then resizes that image again
+      to max_pixels. vicrop_jax resizes once, from the original. By default (`release_resize=False`) this
+      reference resizes once too, so that it can be checked against vicrop_jax token for token; with True it
+      runs the release's double resize. The token grid is usually the same (a 640 x 480 image: 18 x 13 merged
+      tokens either way) but the pixels differ slightly, and at some sizes the rounding differs by a row or a
+      column of tokens; the box is always chosen on the original image's size, as in the release.
+    - Processor inputs come from `qwen2_5_vl_inputs` (the image processor plus the expanded ids), not from
+      `Qwen2_5_VLProcessor`, whose video processor needs torchvision.
+    """
+    prepare = qwen_vl_utils_resize if release_resize else (lambda picture: picture.convert("RGB"))
+    image = image.convert("RGB")
+    prompt = question + QWEN_ANSWER_SUFFIX
+    seen = prepare(image)
+    inputs = qwen2_5_vl_inputs(model, tokenizer, image_processor, [seen], prompt)
+    bbox = None
+    if method != "none":
+        general = qwen2_5_vl_inputs(model, tokenizer, image_processor, [seen], general_question + QWEN_ANSWER_SUFFIX)
+        high_pass = None
+        if method == "pure_grad":
+            _, h, w = (int(v) for v in inputs["image_grid_thw"][0])
+            patch = model.config.vision_config.patch_size
+            high_pass = high_pass_mask(seen, (w * patch, h * patch))
+        att_map = qwen2_5_vl_maps(model, inputs, general, method=method, layer=layer, high_pass=high_pass)
+        bbox = select_bbox_published(att_map, image.size, bbox_size)
+    original = _qwen_generate(model, tokenizer, inputs, max_new_tokens)
+    if bbox is None:
+        return original, original, None
+    both = qwen2_5_vl_inputs(model, tokenizer, image_processor, [seen, prepare(image.crop(bbox))], prompt)
+    return original, _qwen_generate(model, tokenizer, both, max_new_tokens), bbox

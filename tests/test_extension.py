@@ -83,7 +83,7 @@ def llava_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("method", ["rel_att", "grad_att", "pure_grad"])
+@pytest.mark.parametrize("method", ["rel_att", "pure_grad"])  # an attention map, and the pixel-gradient hook
 def test_a_family_defined_outside_the_library_loads_and_answers(llava_folder, method):
     """A LLaVA family without the shared prefix runs every map and answer from whole prompts: the same boxes,
     maps and answers as the library's prefix-cached LLaVA."""

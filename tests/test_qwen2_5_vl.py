@@ -182,3 +182,47 @@ def test_image_smaller_than_a_merge_unit_is_resized_up(case):
     model, _, _, _ = case
     text = vicrop_jax.generate(model, Image.new("RGB", (9, 13), "red"), qwen2_5_vl_prompt("What ?"), max_new_tokens=2)
     assert isinstance(text, str)
+
+
+# The published checkpoints' config.json (transformers 4 layout): Qwen2.5-VL-7B-Instruct and, where it differs, 3B
+PUBLISHED_7B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+    "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 128000,
+    "max_window_layers": 28, "model_type": "qwen2_5_vl", "num_attention_heads": 28, "num_hidden_layers": 28,
+    "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 152064,
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                      "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+}
+PUBLISHED_3B = {**PUBLISHED_7B, "hidden_size": 2048, "intermediate_size": 11008, "num_attention_heads": 16,
+                "num_hidden_layers": 36, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                "max_window_layers": 70, "vision_config": {**PUBLISHED_7B["vision_config"], "out_hidden_size": 2048}}
+
+
+@pytest.mark.parametrize("published, layer", [(PUBLISHED_7B, 22), (PUBLISHED_3B, 18)])
+def test_the_published_configs_read_in_both_layouts_and_the_table_covers_the_model(published, layer):
+    """The 7B and 3B configs as published and as transformers 5 rewrites them give one config; the conversion
+    table covers the full-size parameter tree; the map layer is the release's 22 for the 7B's 28 layers."""
+    from transformers import Qwen2_5_VLConfig
+    from types import SimpleNamespace
+
+    from vicrop_jax._loading import abstract_params
+    from vicrop_jax.families.qwen2_5_vl import QWEN2_5_VL
+    from vicrop_jax.nn.qwen2_5_vl import QwenVL, QwenVLConfig
+    from vicrop_jax.vicrop.methods import resolve_method
+    from weights_conversion.core import check_table
+
+    config = QwenVLConfig.from_hf_config(published)
+    assert QwenVLConfig.from_hf_config(Qwen2_5_VLConfig(**published).to_dict()) == config
+    assert config.text.tie_word_embeddings == published["tie_word_embeddings"] and config.text.mrope_section == (
+        16, 24, 24)
+    params = abstract_params(QWEN2_5_VL, config, QwenVL(config))
+    check_table(QWEN2_5_VL.conversion_table(config), params)
+    model = SimpleNamespace(config=config, family=QWEN2_5_VL)
+    assert resolve_method(model, "rel_att").layer == layer

@@ -74,6 +74,8 @@ def compiled():
 @pytest.mark.parametrize("method", ["rel_att", "grad_att", "pure_grad", "none", "center", "random", "gt"])
 def test_answer_runs_every_method_and_a_second_question_compiles_nothing(case, method):
     model, _, image = case
+    if method in ("center", "random", "gt") and image.width < image.height:
+        pytest.skip("the crop baselines' boxes do not depend on the model: the landscape case covers them")
     bbox = (10, 20, 60, 90) if method == "gt" else None
     first = vicrop_jax.answer(model, image, QUESTION, method, bbox=bbox, max_new_tokens=3)
     before = compiled()

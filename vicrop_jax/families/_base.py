@@ -162,6 +162,11 @@ class Family(abc.ABC):
         return box
 
     # Maps
+    def default_layer(self, num_layers: int) -> int:
+        """The map layer of a model of this depth: the paper's (14 LLaVA, 15 InstructBLIP), or the middle layer of
+        a shallower model."""
+        return min(self.default_map_layer, num_layers // 2)
+
     def check_map_options(self, config: Any, method) -> None:
         """Family-specific range checks of a map method's options (clear errors before compiling)."""
 

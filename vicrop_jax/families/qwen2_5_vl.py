@@ -30,6 +30,7 @@ IMAGE_PAD = "<|image_pad|>"
 PATCH_BUCKET = 256  # a prompt's patches are padded to a multiple of this (64 merged tokens): one compile per bucket
 VICROP_MAX_PIXELS = 256 * 28 * 28  # the release's image budget for Qwen2.5-VL (at most 256 merged tokens)
 CROP_SIZE = 224  # the release's smallest crop box for Qwen2.5-VL
+RELEASE_DEPTH = 28  # Qwen2.5-VL-7B's LM layers, for which the release chose map layer 22
 
 
 def patch_bucket(patches: int) -> int:
@@ -184,6 +185,10 @@ class QwenFamily(Family):
         _, gh, gw = merged_grid(model.config, image_grid(*image.size, model.image_config,
                                                                     self.pixel_budget(model)))
         return importance[..., : gh * gw].reshape(*importance.shape[:-1], gh, gw)
+
+    def default_layer(self, num_layers: int) -> int:
+        """The release's layer 22 for the 7B model (28 layers), the middle layer for other depths."""
+        return self.default_map_layer if num_layers == RELEASE_DEPTH else num_layers // 2
 
     def crop_size(self, config: QwenVLConfig) -> int:
         return CROP_SIZE

@@ -53,7 +53,8 @@ def qwen2_text_config(hf: Mapping[str, Any]) -> LlamaConfig:
     if section is None:
         raise ValueError("text_config.rope_parameters has no mrope_section: a Qwen2.5-VL checkpoint names how its "
                          "rotary frequencies split over the temporal, height and width axes")
-    rope = get_rope_parameters({"rope_parameters": rope, "rope_theta": hf.get("rope_theta", 1000000.0)})
+    rope.setdefault("rope_theta", hf.get("rope_theta", 1000000.0))  # transformers' default for Qwen2.5-VL
+    rope = get_rope_parameters({"rope_parameters": rope})
     if rope["rope_type"] != "default":
         raise ValueError(f"text_config rope type {rope['rope_type']!r} is not supported for Qwen2.5-VL (default only)")
     heads, width = hf["num_attention_heads"], hf["hidden_size"]
@@ -85,8 +86,10 @@ class QwenVLConfig:
     def from_hf_config(cls, hf: dict[str, Any]) -> "QwenVLConfig":
         check_supported(hf, "config", {"model_type": ("qwen2_5_vl",)})
         if "text_config" in hf:
-            refuse_unhandled(hf, "config", COMPOSITE_KEYS, {"tie_word_embeddings": (False,)})
-            text = {**hf["text_config"], "tie_word_embeddings": hf.get("tie_word_embeddings", False)}
+            refuse_unhandled(hf, "config", COMPOSITE_KEYS | {"tie_word_embeddings"})
+            text = {**hf["text_config"]}
+            if "tie_word_embeddings" in hf:  # transformers 5 writes it at the top level (Qwen2.5-VL-3B ties)
+                text["tie_word_embeddings"] = hf["tie_word_embeddings"]
         else:  # the layout of the published checkpoints (transformers 4): text attributes at the top level
             text = {key: value for key, value in hf.items() if key not in COMPOSITE_KEYS - {"model_type"}}
         return cls(
