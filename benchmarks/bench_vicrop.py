@@ -3,12 +3,22 @@
     python -m benchmarks.bench_vicrop [--configs vicrop-tiny medium] [--questions 8] [--passes 5] [--runs 2]
                                       [--parts timing memory batch] [--batches 1 8 32]
     python -m benchmarks.bench_vicrop --quick   # medium, rel_att: fails past the floors (before a change lands)
+    python -m benchmarks.bench_vicrop --configs qwen-medium --questions 3 --passes 3 --runs 1 --parts timing
+                                      # about 8 minutes alone on 2 cores; --parts memory: 1.5 more
 
 - `vicrop-tiny`: the embedded model, on held-out synthetic scenes and their questions;
 - `medium`: the LLaVA-1.5 shape family (CLIP ViT at 336 px, 576 image tokens, LLaMA decoder, 32k vocabulary)
   scaled so that one forward takes about a second on a 2-core CPU.
+- `qwen-medium` (not in the default `--configs`): the Qwen2.5-VL-3B/7B shape family (ViT of patch 14 with window
+  attention and full-attention blocks, 2 x 2 patch merger, Qwen2 decoder with grouped KV heads and multimodal
+  rotary positions), scaled so that one transformers forward over the 640 x 480 scene's prompt (234 merged image
+  tokens at the release's 256 * 28 * 28 pixel budget, 269 positions) takes about a second here; `qwen-tiny`: the
+  tests' toy Qwen config, to check the script runs.
 The reference is `torch_reference.vicrop_llava` (transformers eager attention, `output_attentions=True`,
-`torch.autograd`), ours is `vicrop_jax.answer` (one compiled program per method, prefix-cached LLaVA maps).
+`torch.autograd`), ours is `vicrop_jax.answer` (one compiled program per method, prefix-cached LLaVA maps); for
+the Qwen configs the reference is `torch_reference.vicrop_qwen2_5_vl` (the release's procedure: map, box, PIL crop,
+the crop answered as a second image), and ours maps on the device and crops on the host. A Qwen crop's token count
+depends on its box, so ours warms up on every question once (every size bucket the timed passes meet).
 Each run is a fresh process (compiles, warms up, then `--passes` timed passes over the questions, ours and
 the reference's alternating, so both meet the same drift of a shared machine); a figure is the median over
 every pass of every run, with the range beside it, and a speed-up is the median of the per-pass ratios.
@@ -36,10 +46,17 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = ("rel_att", "grad_att", "pure_grad")
-CONFIGS = ["vicrop-tiny", "medium"]
+CONFIGS = ["vicrop-tiny", "medium"]  # the default run
+QWEN_CONFIGS = ["qwen-tiny", "qwen-medium"]
 BENCH_SEED = 3  # synthetic scenes no other run uses (training 0, evaluation 1, demo 2)
 MEDIUM = dict(image_size=336, vision_width=256, vision_layers=6, width=768, text_layers=8, num_heads=12,
               num_kv_heads=12, vocab_size=32000)
+# Qwen2.5-VL-3B: vision depth 32 (full attention in 7, 15, 23, 31), width 1280, 16 heads, windows of 112 px; decoder
+# 36 layers of width 2048, 16 heads, 2 KV heads, head dim 128, mrope sections (16, 24, 24); 152k vocabulary
+QWEN_MEDIUM = dict(vision_width=512, vision_heads=8, depth=8, fullatt_block_indexes=(3, 7), window_size=112,
+                   width=1024, text_layers=12, num_heads=16, num_kv_heads=2, mrope_section=(8, 12, 12),
+                   vocab_size=32000, initializer_range=0.02)  # the checkpoints' own; 0.2 saturates the attention
+QWEN_CHECKPOINT_MAX_PIXELS = 12845056  # Qwen2.5-VL's own processor; ViCrop's budget stays the release's 256 * 28 * 28
 QUESTIONS = ["What is the color of the small shape ?", "What is the letter on the left ?",
              "how many red shapes are there ?", "What digit is on the top right ?"]
 
@@ -50,6 +67,12 @@ def write_checkpoint(name: str, folder: Path) -> Path:
         from vicrop_jax._loading import checkpoint_folder
 
         return checkpoint_folder(name)
+    if name in QWEN_CONFIGS:
+        from vicrop_jax.testing.hf_models import qwen2_5_vl_config, save_qwen2_5_vl
+
+        config = qwen2_5_vl_config(**(QWEN_MEDIUM if name == "qwen-medium" else {}))
+        save_qwen2_5_vl(folder, config, max_pixels=QWEN_CHECKPOINT_MAX_PIXELS)
+        return folder
     from vicrop_jax.testing.hf_models import llava_config, save_llava
 
     save_llava(folder, llava_config(**MEDIUM))
@@ -86,11 +109,23 @@ def map_layer(folder: Path) -> int:
     return default_map_layer(vicrop_jax.load(folder))
 
 
+def is_qwen(folder: Path) -> bool:
+    return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "qwen2_5_vl"
+
+
 def load_reference(folder: Path):
+    """(model, tokenizer, image processor) of the reference, transformers' eager float32 model."""
     import torch
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
     torch.set_num_threads(2)
+    if is_qwen(folder):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        from benchmarks import torch_reference
+
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+        return model, PreTrainedTokenizerFast.from_pretrained(folder), torch_reference.qwen_image_processor(folder)
     model = LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
     return model, PreTrainedTokenizerFast.from_pretrained(folder), CLIPImageProcessor.from_pretrained(folder)
 
@@ -104,7 +139,8 @@ def seconds_per_question(fn, images, questions) -> float:
 
 def timing_run(name: str, folder: Path, count: int, passes: int, methods: list[str]) -> dict:
     """One run: {side: {method: [seconds per question of each pass]}}, after a warm-up on one question per image
-    size (JAX compiles every size bucket, torch's allocator fills); the two sides' passes alternate."""
+    size (JAX compiles every size bucket, torch's allocator fills); the two sides' passes alternate. On Qwen ours
+    warms up on every question: the crops' token counts, and so their buckets, depend on the boxes."""
     from benchmarks import torch_reference
     import vicrop_jax
 
@@ -114,15 +150,18 @@ def timing_run(name: str, folder: Path, count: int, passes: int, methods: list[s
     model = vicrop_jax.load(folder)
     reference = load_reference(folder)
     layer = map_layer(folder)
+    qwen = is_qwen(folder)
+    vicrop_reference = torch_reference.vicrop_qwen2_5_vl if qwen else torch_reference.vicrop_llava
+    warm_ups = {"ours": (images, questions) if qwen else warm_up, "reference": warm_up}
     out = {"ours": {}, "reference": {}}
     for method in methods:
         options = {"layer": layer} if method in METHODS else {}
         sides = {
             "ours": lambda i, q: vicrop_jax.answer(model, i, q, method, **options),
-            "reference": lambda i, q: torch_reference.vicrop_llava(*reference, i, q, method, layer=layer),
+            "reference": lambda i, q: vicrop_reference(*reference, i, q, method, layer=layer),
         }
         for side, fn in sides.items():
-            seconds_per_question(fn, *warm_up)
+            seconds_per_question(fn, *warm_ups[side])
         timed = [{side: seconds_per_question(fn, images, questions) for side, fn in sides.items()}
                  for _ in range(passes)]
         for side in sides:
@@ -198,12 +237,18 @@ def memory_probe(framework: str, name: str, folder: str, method: str) -> None:
 
         model, tokenizer, processor = load_reference(Path(folder))
         layer = map_layer(Path(folder))
-        pixels = processor(image, return_tensors="pt")["pixel_values"]
-        ids = torch_reference.llava_prompt_ids(model, tokenizer, question, 1)
-        general = torch_reference.llava_prompt_ids(model, tokenizer, GENERAL_QUESTION, 1)
-        mask = torch_reference.high_pass_mask(image, model.config.vision_config.image_size)
-        run = lambda: torch_reference.llava_maps(model, ids, general, pixels, method=method, layer=layer,  # noqa
-                                                 high_pass=mask)
+        if is_qwen(Path(folder)):
+            inputs, general, mask = torch_reference.qwen2_5_vl_map_inputs(model, tokenizer, processor, image,
+                                                                          question, method, GENERAL_QUESTION)
+            run = lambda: torch_reference.qwen2_5_vl_maps(model, inputs, general, method=method,  # noqa: E731
+                                                          layer=layer, high_pass=mask)
+        else:
+            pixels = processor(image, return_tensors="pt")["pixel_values"]
+            ids = torch_reference.llava_prompt_ids(model, tokenizer, question, 1)
+            general = torch_reference.llava_prompt_ids(model, tokenizer, GENERAL_QUESTION, 1)
+            mask = torch_reference.high_pass_mask(image, model.config.vision_config.image_size)
+            run = lambda: torch_reference.llava_maps(model, ids, general, pixels, method=method,  # noqa: E731
+                                                     layer=layer, high_pass=mask)
     run()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand memory freed by the warm-up back, so reuse shows as growth
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -263,7 +308,7 @@ def quick(folder: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
+    parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS + QWEN_CONFIGS)
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--passes", type=int, default=5, help="timed passes per run, after a warm-up pass")
     parser.add_argument("--runs", type=int, default=2, help="timing runs, each in a fresh process")

@@ -22,6 +22,10 @@ probabilities, and returns them as tensors of the autograd graph (needed for gra
 The scalar whose gradient is taken is S = log_softmax(logits[0, -1])[argmax], which is what the
 published `-CrossEntropyLoss(logit, argmax)` computes for a batch of one.
 
+Qwen2.5-VL (the release's `qwen2_5_methods.py` and run.py): `qwen2_5_vl_maps` takes processor-made inputs
+(`qwen2_5_vl_inputs`) and maps on the image's own merged-token grid; `vicrop_qwen2_5_vl` is the release's whole
+per-question procedure, see its docstring for where it departs from the release.
+
 Where this differs from the published code, and why:
 - float32 throughout (published: bfloat16), so that parity tests can be tight.
 - InstructBLIP, LM factor: the published slice `attentions[15][0, :, -1, :256]` (256 = patch
@@ -609,8 +613,9 @@ def qwen_vl_utils_resize(image: PIL.Image.Image) -> PIL.Image.Image:
 
     image = image.convert("RGB")
     width, height = image.size
-    if max(width, height) / min(width, height) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(width, height) / min(width, height)}")
+    aspect = max(width, height) / min(width, height)
+    if aspect > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {aspect}")
     factor = QWEN_VL_UTILS_FACTOR
     new_height, new_width = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
     if new_height * new_width > QWEN_VL_UTILS_MAX_PIXELS:
@@ -639,6 +644,20 @@ def qwen2_5_vl_inputs(model, tokenizer, image_processor, images: Sequence[PIL.Im
     return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                 pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"],
                 mm_token_type_ids=(input_ids == image_id).int())
+
+
+def qwen2_5_vl_map_inputs(model, tokenizer, image_processor, image: PIL.Image.Image, question: str, method: str,
+                          general_question: str = "Write a general description of the image."):
+    """(question inputs, general-prompt inputs, pure-grad's high-pass mask or None) of `qwen2_5_vl_maps` over one
+    image, with the release's answer suffix on both prompts; the mask is on the image as the processor resizes it."""
+    inputs = qwen2_5_vl_inputs(model, tokenizer, image_processor, [image], question + QWEN_ANSWER_SUFFIX)
+    general = qwen2_5_vl_inputs(model, tokenizer, image_processor, [image], general_question + QWEN_ANSWER_SUFFIX)
+    high_pass = None
+    if method == "pure_grad":
+        _, h, w = (int(v) for v in inputs["image_grid_thw"][0])
+        patch = model.config.vision_config.patch_size
+        high_pass = high_pass_mask(image, (w * patch, h * patch))
+    return inputs, general, high_pass
 
 
 def _qwen_generate(model, tokenizer, inputs: dict, max_new_tokens: int) -> str:
@@ -676,9 +695,10 @@ def vicrop_qwen2_5_vl(model, tokenizer, image_processor, image: PIL.Image.Image,
       bicubic resize to multiples of 28 (`qwen_vl_utils_resize`), and the processor then resizes that image again
       to max_pixels. vicrop_jax resizes once, from the original. By default (`release_resize=False`) this
       reference resizes once too, so that it can be checked against vicrop_jax token for token; with True it
-      runs the release's double resize. The token grid is usually the same (a 640 x 480 image: 18 x 13 merged
-      tokens either way) but the pixels differ slightly, and at some sizes the rounding differs by a row or a
-      column of tokens; the box is always chosen on the original image's size, as in the release.
+      runs the release's double resize. The pixels always differ slightly (two bicubic resizes), and at about
+      one size in five the token grid differs by a row or a column: 640 x 480 gives 18 x 13 merged tokens
+      either way, but 640 x 427 (a common COCO size) gives 19 x 13 resized once and 19 x 12 after the release's
+      first resize to 644 x 420. The box is always chosen on the original image's size, as in the release.
     - Processor inputs come from `qwen2_5_vl_inputs` (the image processor plus the expanded ids), not from
       `Qwen2_5_VLProcessor`, whose video processor needs torchvision.
     """
@@ -686,19 +706,14 @@ def vicrop_qwen2_5_vl(model, tokenizer, image_processor, image: PIL.Image.Image,
     image = image.convert("RGB")
     prompt = question + QWEN_ANSWER_SUFFIX
     seen = prepare(image)
-    inputs = qwen2_5_vl_inputs(model, tokenizer, image_processor, [seen], prompt)
-    bbox = None
-    if method != "none":
-        general = qwen2_5_vl_inputs(model, tokenizer, image_processor, [seen], general_question + QWEN_ANSWER_SUFFIX)
-        high_pass = None
-        if method == "pure_grad":
-            _, h, w = (int(v) for v in inputs["image_grid_thw"][0])
-            patch = model.config.vision_config.patch_size
-            high_pass = high_pass_mask(seen, (w * patch, h * patch))
-        att_map = qwen2_5_vl_maps(model, inputs, general, method=method, layer=layer, high_pass=high_pass)
-        bbox = select_bbox_published(att_map, image.size, bbox_size)
-    original = _qwen_generate(model, tokenizer, inputs, max_new_tokens)
-    if bbox is None:
+    if method == "none":
+        inputs = qwen2_5_vl_inputs(model, tokenizer, image_processor, [seen], prompt)
+        original = _qwen_generate(model, tokenizer, inputs, max_new_tokens)
         return original, original, None
+    inputs, general, high_pass = qwen2_5_vl_map_inputs(model, tokenizer, image_processor, seen, question, method,
+                                                       general_question)
+    att_map = qwen2_5_vl_maps(model, inputs, general, method=method, layer=layer, high_pass=high_pass)
+    bbox = select_bbox_published(att_map, image.size, bbox_size)
+    original = _qwen_generate(model, tokenizer, inputs, max_new_tokens)
     both = qwen2_5_vl_inputs(model, tokenizer, image_processor, [seen, prepare(image.crop(bbox))], prompt)
     return original, _qwen_generate(model, tokenizer, both, max_new_tokens), bbox

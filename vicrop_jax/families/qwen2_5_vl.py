@@ -101,10 +101,9 @@ class QwenFamily(Family):
 
     def init_inputs(self, config: QwenVLConfig) -> tuple[Any, ...]:
         """One image of one merged token (a merge unit of patches) and its placeholder."""
-        unit = config.merge_unit
-        merge = config.vision.spatial_merge_size
-        features = config.vision.in_channels * config.vision.temporal_patch_size * config.vision.patch_size**2
-        patches = vision_patches([np.zeros((unit, features), np.float32)], [(1, merge, merge)], config.vision, unit)
+        unit, merge = config.merge_unit, config.vision.spatial_merge_size
+        rows = np.zeros((unit, config.vision.patch_features), np.float32)
+        patches = vision_patches([rows], [(1, merge, merge)], config.vision, unit)
         batch = VisionPatches(*(np.asarray(leaf)[None] for leaf in patches))
         return np.full((1, 1), config.image_token_id, np.int32), batch, np.zeros((1, 3, 1), np.int32)
 
@@ -168,7 +167,7 @@ class QwenFamily(Family):
         return patches, stack_arrays(prompts)
 
     def map_inputs(self, model, image, question: str, method):
-        """The image at the map pass's budget; pure-grad's mask on the resized image, in patch rows [N, P, P]."""
+        """The image at ViCrop's budget; pure-grad's mask on the resized image, in patch rows [N, P, P]."""
         patches, (question_arrays, general_arrays) = self.image_prompts(
             model, [[image], [image]], [self.prompt(question), self.prompt(method.general_question)],
             self.pixel_budget(model))
@@ -182,8 +181,8 @@ class QwenFamily(Family):
 
     def host_map(self, model, image, importance: np.ndarray) -> np.ndarray:
         """The map over the bucket's merged tokens [..., M] -> the image's token grid [..., gh, gw]."""
-        _, gh, gw = merged_grid(model.config, image_grid(*image.size, model.image_config,
-                                                                    self.pixel_budget(model)))
+        grid = image_grid(*image.size, model.image_config, self.pixel_budget(model))
+        _, gh, gw = merged_grid(model.config, grid)
         return importance[..., : gh * gw].reshape(*importance.shape[:-1], gh, gw)
 
     def default_layer(self, num_layers: int) -> int:
@@ -215,8 +214,9 @@ class QwenFamily(Family):
         vision = config.vision
         channels, frames, patch = vision.in_channels, vision.temporal_patch_size, vision.patch_size
         pixels = gradients.astype(jnp.float32).reshape(2, -1, channels, frames, patch, patch).sum(axis=3)
-        norms = jnp.linalg.norm(pixels, axis=2)  # [2, N, P, P]
-        ratio = jnp.where(high_pass > 0, norms[0] / jnp.where(high_pass > 0, norms[1], 1.0), 0.0) * high_pass
+        norms = jnp.linalg.norm(pixels, axis=2)  # [2, N, P, P]; zero in the padding rows, which the mask drops
+        kept = high_pass > 0
+        ratio = jnp.where(kept, norms[0] / jnp.where(kept, norms[1], 1.0), 0.0)
         return ratio.reshape(-1, config.merge_unit * patch * patch).mean(axis=1)
 
     def generation_inputs(self, model, images, prompt: str, vicrop: bool = False) -> GenerationInputs:
@@ -232,7 +232,6 @@ class QwenFamily(Family):
         patches = self.image_patches(model, processed)
         bucket = prompt_bucket(model.config, ids, len(patches.patches))
         return GenerationInputs(ids, (patches,), positions, offset, bucket)
-
 
 
 QWEN2_5_VL = QwenFamily(name="qwen2_5_vl", config_class=QwenVLConfig, module_class=QwenVL,

@@ -199,19 +199,22 @@ def make_qwen_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 def qwen2_5_vl_config(*, width: int = 32, num_heads: int = 4, num_kv_heads: int = 2, text_layers: int = 2,
                       mrope_section=(2, 1, 1), vision_width: int = 32, vision_heads: int = 2, depth: int = 3,
                       fullatt_block_indexes=(1,), window_size: int = 56, vocab_size: int = 128,
-                      out_hidden_size: int | None = None) -> Qwen2_5_VLConfig:
-    """A Qwen2.5-VL-shaped config at toy size (patch 14, merge 2, windows of `window_size` pixels)."""
+                      out_hidden_size: int | None = None, initializer_range: float = 0.2) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL-shaped config at toy size (patch 14, merge 2, windows of `window_size` pixels). The large
+    default `initializer_range` keeps a toy model's attention far from uniform; wide, deep configs need the
+    checkpoints' own 0.02, or their attention saturates (ratios of 1e-30 / 1e30 in rel-att)."""
     token = QWEN_SPECIAL.index
     text = dict(
         hidden_size=width, intermediate_size=2 * width, num_hidden_layers=text_layers, num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads, vocab_size=vocab_size, initializer_range=0.2,
+        num_key_value_heads=num_kv_heads, vocab_size=vocab_size, initializer_range=initializer_range,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)},
         bos_token_id=None, eos_token_id=token("<|im_end|>"), pad_token_id=token("<|endoftext|>"),
     )
     vision = dict(
         depth=depth, hidden_size=vision_width, intermediate_size=2 * vision_width, num_heads=vision_heads,
         out_hidden_size=out_hidden_size or width, fullatt_block_indexes=list(fullatt_block_indexes),
-        window_size=window_size, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2,
+        window_size=window_size, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        initializer_range=initializer_range,
     )
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=token("<|image_pad|>"),
                             video_token_id=token("<unk>"), vision_start_token_id=token("<|vision_start|>"),

@@ -398,7 +398,8 @@ def resolve_method(model, method: str | Strategy, **options) -> Strategy:
 
 def default_map_layer(model) -> int:
     """The checkpoint's own map layer where its config names one (`vicrop_attention_layer`, chosen by where its
-    attention falls, as the paper chose its layers), else the family's for the model's depth (`Family.default_layer`)."""
+    attention falls, as the paper chose its layers), else the family's for the model's depth
+    (`Family.default_layer`)."""
     if model.config.map_layer is not None:
         return model.config.map_layer
     return model.family.default_layer(model.config.text.num_layers)
