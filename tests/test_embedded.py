@@ -23,8 +23,8 @@ from vicrop_jax.evaluation.metrics import attention_ratio
 from vicrop_jax.families import LLAVA
 from vicrop_jax.prompts import llava_prompt
 from vicrop_jax.testing.synthetic import (
-    BOX_COLOURS, FAR_APART, MAX_ASPECT, QUESTION_TYPES, RELATIVE_BOX_SIDES, SHAPES, make_record, make_scene,
-    write_dataset,
+    BACKGROUNDS, BOX_COLOURS, FAR_APART, MAX_ASPECT, QUESTION_TYPES, RELATIVE_BOX_SIDES, SHAPES, make_record,
+    make_scene, write_dataset,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,3 +221,82 @@ def test_the_evaluation_tables_cover_every_question_type_and_option(tmp_path):
     assert v2["accuracy"]["gt"]["centres_held"]["two_region"] == 100.0  # gt crops each of the two boxes
     table = evaluate.v2_markdown(v2)
     assert "| rel_att gate=0.5 |" in table and "| rel_att | " in table and "paper | exact" in table
+
+
+@pytest.fixture(scope="module")
+def qwen_checkpoint(tmp_path_factory):
+    """A fresh vicrop-tiny-qwen (its training script's config and vocabulary, untrained), as the script writes it."""
+    from benchmarks.synthetic.train import RECIPES, QwenTrainer
+
+    words = QwenTrainer.words(RECIPES[1])
+    hf_config = QwenTrainer.hf_config(words)
+    folder = QwenTrainer.write_checkpoint(tmp_path_factory.mktemp("qwen") / "model", hf_config,
+                                          QwenTrainer.init_params(hf_config, 0), words)
+    return folder, hf_config
+
+
+@pytest.mark.slow
+def test_written_qwen_checkpoint_loads_in_transformers_and_vicrop_jax_alike(qwen_checkpoint):
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    from vicrop_jax.families import QWEN2_5_VL
+    from vicrop_jax.nn.qwen_vit import VisionPatches
+    from vicrop_jax.prompts import qwen2_5_vl_prompt
+
+    folder, hf_config = qwen_checkpoint
+    model = vicrop_jax.load(folder)
+    assert model.family is QWEN2_5_VL and model.config.vision.depth == 0
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 25e6
+    record = make_record(HELD_OUT_SEED, 0)
+    prompt = qwen2_5_vl_prompt(record.question)
+    assert AutoTokenizer.from_pretrained(folder)(prompt)["input_ids"] == model.tokenizer.encode(prompt)
+    assert model.tokenizer.eos_id == hf_config["text_config"]["eos_token_id"] and model.tokenizer.bos_id is None
+    inputs = model.family.generation_inputs(model, [record.image], prompt)
+    processed = Qwen2VLImageProcessor.from_pretrained(folder)(images=[record.image], return_tensors="pt")
+    assert processed["image_grid_thw"].tolist() == [[1, 16, 16]]  # 224 x 224: 8 x 8 LM tokens
+    [patches] = inputs.encode_args
+    np.testing.assert_array_equal(patches.patches[:256], processed["pixel_values"].numpy())
+    ids = np.asarray(inputs.ids, np.int32)[None]
+    ours = model.module.apply({"params": model.params}, ids, VisionPatches(*(np.asarray(a)[None] for a in patches)),
+                              inputs.positions[None])
+    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    input_ids = torch.tensor(ids)
+    with torch.no_grad():
+        logits = reference(input_ids=input_ids, pixel_values=processed["pixel_values"],
+                           image_grid_thw=processed["image_grid_thw"],
+                           mm_token_type_ids=(input_ids == model.config.image_token_id).int()).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_qwen_training_batches_end_with_the_answer_and_a_few_steps_lower_the_loss(tmp_path):
+    """The Qwen trainer's batches (static shapes per image count: 64 tokens per 224 x 224 image), and its step."""
+    import optax
+
+    from benchmarks.synthetic.train import RECIPES, TEXT_LENGTH, Batches, QwenTrainer, make_train_step
+    from vicrop_jax.testing.checkpoints import init_qwen_params, qwen_hf_config, write_qwen_checkpoint
+
+    words = QwenTrainer.words(RECIPES[1])
+    hf_config = qwen_hf_config(width=48, text_layers=2, num_heads=2, num_kv_heads=1, mrope_section=(4, 4, 4),
+                               vision_width=32)
+    folder = write_qwen_checkpoint(tmp_path / "toy", hf_config, init_qwen_params(hf_config, 0), words)
+    trainer = QwenTrainer.from_folder(folder)
+    batches = Batches(trainer, 3, seed=0, steps=100, recipe=RECIPES[1])
+    for num_images in (1, 2):
+        count, ids, lengths, (patches, positions) = batches.next()
+        assert count == num_images and ids.shape == (3, 64 * num_images + TEXT_LENGTH)
+        assert patches.patches.shape[:2] == (3, 256 * num_images) and positions.shape == (3, 3, ids.shape[1])
+        for row, length in zip(ids, lengths):
+            tokens = trainer.tokenizer.backend.decode(row[:length].tolist(), skip_special_tokens=False).split()
+            assert tokens[-3] == "assistant" and tokens[-1] == "<|im_end|>"
+            assert tokens[-2] in SHAPES + tuple(BACKGROUNDS)
+            assert (row[:length] == trainer.config.image_token_id).sum() == 64 * num_images
+    optimizer = optax.adam(3e-3)
+    params = init_qwen_params(hf_config, 0)
+    opt_state = optimizer.init(params)
+    step = make_train_step(trainer.module, optimizer)
+    losses = []
+    for _ in range(6):
+        params, opt_state, loss, _ = step(params, opt_state, ids, lengths, (patches, positions))
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0]

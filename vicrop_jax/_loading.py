@@ -35,7 +35,7 @@ from weights_conversion.orbax_io import (
 from weights_conversion.safetensors_io import open_checkpoint, write_checkpoint
 
 FLAX_PARAMS_FILE = "flax_params.safetensors"  # what `vicrop-jax convert` wrote before Orbax
-EMBEDDED_MODELS = ("vicrop-tiny",)  # shipped in vicrop_jax/models/ (benchmarks/synthetic/train.py made them)
+EMBEDDED_MODELS = ("vicrop-tiny", "vicrop-tiny-qwen")  # vicrop_jax/models/ (benchmarks/synthetic/train.py makes them)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 AUTO = "auto"  # the checkpoint's own dtype (config.json's "dtype", or "torch_dtype" before transformers 5)
 
@@ -124,7 +124,11 @@ def checkpoint_folder(path_or_repo_id: str | os.PathLike) -> Path:
     """An embedded model's name (unless a folder of that name exists here), a folder, or a cached repo id."""
     name = str(path_or_repo_id)
     if name in EMBEDDED_MODELS and not Path(name).is_dir():
-        return Path(__file__).parent / "models" / name
+        folder = Path(__file__).parent / "models" / name
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"the embedded model {name!r} is not in this installation ({folder}); "
+                                    "benchmarks/synthetic/train.py trains it (see its docstring)")
+        return folder
     return resolve_checkpoint_folder(path_or_repo_id)
 
 

@@ -30,7 +30,6 @@ from PIL import Image
 
 import vicrop_jax
 from vicrop_jax import select_bbox
-from vicrop_jax._generation import pixel_values
 from vicrop_jax.vicrop._api import static_model
 from vicrop_jax.vicrop.methods import RelAtt, resolve_method
 from vicrop_jax.evaluation.metrics import TERCILES, attention_ratio, tercile, tercile_edges
@@ -55,13 +54,13 @@ def _attention(static, params, pixels, prompt, method):
 
 def attention_maps(model, scenes: list[tuple], layer: int | None = None) -> list[np.ndarray]:
     """The question prompt's attention map (rel-att's numerator) of each (image, question, bbox) scene at
-    `layer` (default: the model's map layer)."""
+    `layer` (default: the model's map layer), on the image's token grid, from the inputs of ViCrop's map pass."""
     method = resolve_method(model, RelAtt(layer=layer))
     out = []
     for image, question, _ in scenes:
-        [prompt] = model.family.prompt_arrays(model, [model.family.prompt(question)])
-        out.append(np.asarray(_attention(static_model(model), model.params, pixel_values(model, [image])[0], prompt,
-                                         method)))
+        pixels, prompt, _, _ = model.family.map_inputs(model, image, question, method)
+        attention = _attention(static_model(model), model.params, pixels, prompt, method)
+        out.append(model.family.host_map(model, image, np.asarray(attention)))
     return out
 
 
@@ -75,7 +74,7 @@ def layer_analysis(model, scenes: list[tuple]) -> dict[str, list[list]]:
         hits.append([])
         for attention, (image, _, bbox) in zip(attention_maps(model, scenes, layer), scenes):
             ratios[-1].append(attention_ratio(attention, bbox, image.size))
-            left, top, right, bottom = select_bbox(attention, image.size, model.config.image_size)
+            left, top, right, bottom = select_bbox(attention, image.size, model.family.crop_size(model.config))
             hits[-1].append(left <= (bbox[0] + bbox[2]) / 2 <= right and top <= (bbox[1] + bbox[3]) / 2 <= bottom)
     return {"attention_ratios": ratios, "box_hits": hits}
 
@@ -136,15 +135,18 @@ def markdown(summary: dict) -> str:
     return "\n".join(rows)
 
 
-def configs(calibration: dict) -> list[tuple[str, str, dict]]:
-    """(name, method, eval options) of every run; the gates and `regions="auto"` thresholds as calibrated."""
+def configs(calibration: dict, method_auto: bool = True) -> list[tuple[str, str, dict]]:
+    """(name, method, eval options) of every run; the gates and `regions="auto"` thresholds as calibrated.
+    `method_auto`: whether method "auto" runs (it chooses between its maps' answers in the device pipeline,
+    which families that crop on the host, as Qwen2.5-VL, do not have)."""
     runs = [(method, method, {}) for method in METHODS]
     for method in MAP_METHODS:
         runs += [(f"{method} regions=2", method, {"regions": 2}),
                  (f"{method} regions=auto", method, {"regions": AUTO,
                                                      "second_region_mass": calibration["second_region_mass"][method]})]
     runs += [(f"rel_att gate={gate:.3g}", "rel_att", {"gate": gate}) for gate in calibration["gates"]]
-    runs.append(("auto", "auto", {}))
+    if method_auto:
+        runs.append(("auto", "auto", {}))
     runs += [(f"{method} geometry=exact", method, {"geometry": "exact"}) for method in MAP_METHODS]
     return runs
 
@@ -185,7 +187,7 @@ def calibrate(model_name: str, out: Path, count: int, batch_size: int) -> dict:
         mass = {}
         for r in records:
             importance = vicrop_jax.importance_map(model, scenes[r["id"]], r["question"], method)
-            [box] = select_boxes(importance, scenes[r["id"]].size, model.config.image_size, 1)
+            [box] = select_boxes(importance, scenes[r["id"]].size, model.family.crop_size(model.config), 1)
             mass[r["id"]] = outside_mass(importance, box, scenes[r["id"]].size)
         candidates = sorted(set(mass.values())) + [1.0]
         accuracy = lambda t: np.mean([two[i] if mass[i] > t else one[i] for i in mass])  # noqa: E731
@@ -309,9 +311,9 @@ def main() -> None:
         calibration_path.write_text(json.dumps(calibrate(args.model, out, args.calibration_count, args.batch_size),
                                                indent=2))
     calibration = json.loads(calibration_path.read_text())
-    results = {name: run(out, data, args.model, name, method, options, args.batch_size)
-               for name, method, options in configs(calibration)}
     model = vicrop_jax.load(args.model)
+    results = {name: run(out, data, args.model, name, method, options, args.batch_size)
+               for name, method, options in configs(calibration, model.family.fixed_resolution)}
     single = [r for r in records if kind(r) == "single"]
     single_ids = {r["id"] for r in single}
     scenes = load_scenes(single, data / "images")

@@ -1,7 +1,9 @@
-"""Train vicrop-tiny: a small LLaVA-1.5-architecture model, from scratch, on synthetic small-detail VQA.
+"""Train vicrop-tiny: a small LLaVA-1.5-architecture model, from scratch, on synthetic small-detail VQA (or,
+with `--family qwen2_5_vl`, vicrop-tiny-qwen: the same data in Qwen2.5-VL's architecture).
 
     python -m benchmarks.synthetic.train --out vicrop_jax/models/vicrop-tiny                 # the shipped model
     python -m benchmarks.synthetic.train --recipe 2 --out runs/vicrop-tiny-v2               # benchmark version 2
+    python -m benchmarks.synthetic.train --family qwen2_5_vl --steps 6000 --out vicrop_jax/models/vicrop-tiny-qwen
 
 CLIP ViT (112 px, patch 14: 8x8 image tokens) -> GELU projector -> LLaMA decoder (4 layers, width 192), trained
 with optax AdamW on scenes of `vicrop_jax.testing.synthetic` (training seed 0; evaluation uses other seeds), by a
@@ -22,6 +24,13 @@ background colour, so that prompt is in distribution for rel-att. Loss: cross-en
 The result is written in Hugging Face LLaVA format (transformers' `LlavaForConditionalGeneration`
 loads it too); its config names the map layer (`vicrop_attention_layer`): the LM layer whose attention
 map's crop box holds the answer most often on calibration scenes (seed 4).
+vicrop-tiny-qwen (`QwenTrainer`) draws the same scenes, crops and prompts with the same seeds: a Qwen2.5-VL
+vision tower of depth 0 (patch 14, merge 2: each LM image token is the merger's output of its 28 x 28 pixels,
+local as vicrop-tiny's patch embeddings are), its processor bounds at 224 x 224 (a square scene or crop is
+8 x 8 LM tokens, as in vicrop-tiny; the crops' sides run from 1x to 2x 224 px, Qwen's smallest ViCrop box),
+and a Qwen2 decoder of vicrop-tiny's size (4 layers, width 192, 4 heads, 2 KV heads, mrope_section (6, 9, 9));
+the prompt is `qwen2_5_vl_prompt`, the answer word and <|im_end|>; written in Hugging Face Qwen2.5-VL format
+(`Qwen2_5_VLForConditionalGeneration` loads it).
 """
 
 from __future__ import annotations
@@ -32,20 +41,29 @@ import json
 import queue
 import threading
 import time
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from PIL import Image
 
 import vicrop_jax
 from benchmarks.synthetic.evaluate import by_layer, layer_analysis
+from vicrop_jax.families import LLAVA, QWEN2_5_VL, Family
+from vicrop_jax.families.qwen2_5_vl import merged_grid, rope_positions
 from vicrop_jax.nn._config import MAP_LAYER_KEY
-from vicrop_jax.testing.checkpoints import llava_hf_config, init_llava_params, write_llava_checkpoint
+from vicrop_jax.nn.qwen_vit import VisionPatches, vision_patches
+from vicrop_jax.testing.checkpoints import (
+    QWEN_SPECIAL_TOKENS, init_llava_params, init_qwen_params, llava_hf_config, qwen_hf_config,
+    write_llava_checkpoint, write_qwen_checkpoint,
+)
 from vicrop_jax._tokenizer import Tokenizer
-from vicrop_jax.nn.llava import Llava, LlavaConfig
-from vicrop_jax.preprocessing import ImageProcessorConfig, preprocess
-from vicrop_jax.prompts import GENERAL_QUESTION, llava_prompt
+from vicrop_jax.preprocessing import preprocess
+from vicrop_jax.prompts import GENERAL_QUESTION, llava_prompt, qwen2_5_vl_prompt
+from vicrop_jax.qwen_preprocessing import preprocess_qwen
 from vicrop_jax.testing.synthetic import BACKGROUNDS, RELATIVE_BOX_SIDES, SHAPES, make_record, make_scene
 
 TRAIN_SEED = 0
@@ -90,24 +108,142 @@ def model_hf_config() -> dict:
     )
 
 
-class Batches:
-    """Training batches drawn on a background thread: (ids [B,T], pixels [B,I,H,W,C], lengths [B]). The ids
-    are right-padded to a length fixed per image count (one program each); causal attention keeps the pads
-    out of every real position."""
+QWEN_TEMPLATE_WORDS = "system You are a helpful assistant . user".split()  # Qwen's chat template, besides specials
 
-    def __init__(self, tokenizer: Tokenizer, config: LlavaConfig, image_config: ImageProcessorConfig,
-                 batch_size: int, seed: int, steps: int, recipe: Recipe):
-        self.tokenizer, self.config, self.image_config, self.recipe = tokenizer, config, image_config, recipe
+
+def qwen_model_hf_config(words: list[str]) -> dict:
+    """vicrop-tiny-qwen: a vision tower of depth 0 (patch embedding and merger: each LM image token is local to
+    its 28 x 28 pixels, as vicrop-tiny's are to their patch), then the Qwen2 decoder at vicrop-tiny's size."""
+    vocab_size = -(-(len(QWEN_SPECIAL_TOKENS) + len(words)) // 32) * 32
+    return qwen_hf_config(width=192, vocab_size=vocab_size, text_layers=4, num_heads=4, num_kv_heads=2,
+                          intermediate_factor=3, mrope_section=(6, 9, 9), vision_width=128, vision_layers=0)
+
+
+Sample = tuple[list[int], Any]  # a sample's ids (prompt, answer, end token) and its images as the model reads them
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """What a model family brings to training (one subclass per family, picked at the command line): its
+    checkpoint (config, fresh parameters, writer), the model's inputs of a sample and of a batch, read back from
+    the folder it wrote as the model will be loaded. Batches are (ids [B, T], lengths [B], inputs): the model is
+    `module.apply(params, ids, *inputs)`, with shapes fixed per image count (one program each); the ids are
+    right-padded, and causal attention keeps the pads out of every real position."""
+
+    family: ClassVar[Family]
+    hf_config: ClassVar[Callable[[list[str]], dict]]  # the vocabulary -> config.json
+    init_params: ClassVar[Callable[[dict, int], Any]]  # (config.json, seed) -> parameters
+    write_checkpoint: ClassVar[Callable[[Path, dict, Any, list[str]], Path]]  # (folder, config, params, words)
+    template_words: ClassVar[tuple[str, ...]] = ()  # the prompt template's words, beyond the recipe's
+    config: Any
+    tokenizer: Tokenizer
+    image_config: Any
+
+    @classmethod
+    def words(cls, recipe: Recipe) -> list[str]:
+        """The tokenizer's words: the recipe's, then those of the prompt template it lacks."""
+        return list(recipe.words) + [w for w in dict.fromkeys(cls.template_words) if w not in recipe.words]
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "Trainer":
+        hf_config = json.loads((folder / "config.json").read_text())
+        processor = json.loads((folder / "preprocessor_config.json").read_text())
+        return cls(cls.family.read_config(hf_config), Tokenizer.from_folder(folder),
+                   cls.family.read_image_config(processor))
+
+    @property
+    def module(self):
+        return self.family.module_class(self.config)
+
+    @property
+    def resolution(self) -> int:
+        """The model's input side, and the smallest crop box of ViCrop."""
+        return self.family.crop_size(self.config)
+
+    def sample(self, question: str, answer: str, images: list[Image.Image]) -> Sample:
+        raise NotImplementedError
+
+    def batch(self, samples: list[Sample], num_images: int) -> tuple[np.ndarray, np.ndarray, tuple]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaTrainer(Trainer):
+    """vicrop-tiny: `llava_prompt` + " " + the answer + EOS, each `<image>` expanded; inputs (pixels [B,I,H,W,C],)."""
+
+    family = LLAVA
+    hf_config = staticmethod(lambda words: model_hf_config())
+    init_params = staticmethod(init_llava_params)
+    write_checkpoint = staticmethod(write_llava_checkpoint)
+
+    def sample(self, question, answer, images):
+        ids = self.tokenizer.encode(llava_prompt(question, len(images)) + " " + answer) + [self.tokenizer.eos_id]
+        image_id = self.config.image_token_id
+        ids = [t for token in ids for t in ([token] * self.config.tokens_per_image if token == image_id else [token])]
+        return ids, [preprocess(im, self.image_config) for im in images]
+
+    def batch(self, samples, num_images):
+        ids = np.full((len(samples), num_images * self.config.tokens_per_image + TEXT_LENGTH),
+                      self.config.text.pad_token_id, np.int32)
+        for row, (sample_ids, _) in zip(ids, samples):
+            row[: len(sample_ids)] = sample_ids
+        lengths = np.array([len(s[0]) for s in samples], np.int32)
+        pixels = np.stack([np.stack(s[1]) for s in samples]).astype(np.float32)
+        return ids, lengths, (pixels,)
+
+
+PATCH_STEP = 64  # a Qwen batch's patch rows are padded to a multiple of this (16 LM tokens); square images fill it
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenTrainer(Trainer):
+    """vicrop-tiny-qwen: `qwen2_5_vl_prompt` + the answer + <|im_end|>, each `<|image_pad|>` expanded to its image's
+    merged tokens; inputs (VisionPatches [B, N, ...], rotary positions [B, 3, T]), N the batch's patch rows rounded
+    up to PATCH_STEP (num_images * 256 for square images and crops at 224 x 224)."""
+
+    family = QWEN2_5_VL
+    hf_config = staticmethod(qwen_model_hf_config)
+    init_params = staticmethod(init_qwen_params)
+    write_checkpoint = staticmethod(write_qwen_checkpoint)
+    template_words = tuple(QWEN_TEMPLATE_WORDS)
+
+    def sample(self, question, answer, images):
+        processed = [preprocess_qwen(im, self.image_config) for im in images]
+        tokens = [int(np.prod(merged_grid(self.config, image.grid))) for image in processed]
+        ids, _ = self.family.prompt_inputs(self, qwen2_5_vl_prompt(question, len(images)) + answer, len(images),
+                                           tokens)  # the trainer reads as the model does: tokenizer and config
+        return ids + [self.tokenizer.eos_id], processed
+
+    def batch(self, samples, num_images):
+        patches = max(sum(len(image.patches) for image in images) for _, images in samples)
+        rows = -(-patches // PATCH_STEP) * PATCH_STEP
+        length = rows // self.config.merge_unit + TEXT_LENGTH
+        ids = np.zeros((len(samples), length), np.int32)  # <|endoftext|>, Qwen's pad
+        positions = np.zeros((len(samples), 3, length), np.int32)
+        layouts = []
+        for row, position, (sample_ids, images) in zip(ids, positions, samples):
+            row[: len(sample_ids)] = sample_ids
+            position[:, : len(sample_ids)] = rope_positions(self.config, sample_ids, [im.grid for im in images])[0]
+            layouts.append(vision_patches([im.patches for im in images], [im.grid for im in images],
+                                          self.config.vision, rows))
+        lengths = np.array([len(s[0]) for s in samples], np.int32)
+        return ids, lengths, (VisionPatches(*(np.stack(leaves) for leaves in zip(*layouts))), positions)
+
+
+TRAINERS: dict[str, type[Trainer]] = {"llava": LlavaTrainer, "qwen2_5_vl": QwenTrainer}
+
+
+class Batches:
+    """Training batches drawn on a background thread: (image count, ids [B,T], lengths [B], model inputs), made
+    by the trainer."""
+
+    def __init__(self, trainer: Trainer, batch_size: int, seed: int, steps: int, recipe: Recipe):
+        self.trainer, self.recipe = trainer, recipe
         self.batch_size, self.rng, self.index, self.steps = batch_size, np.random.default_rng(seed), 0, steps
         self.queue: queue.Queue = queue.Queue(maxsize=6)
         threading.Thread(target=self._fill, daemon=True).start()
 
-    def _ids(self, question: str, answer: str, num_images: int) -> list[int]:
-        ids = self.tokenizer.encode(llava_prompt(question, num_images) + " " + answer) + [self.tokenizer.eos_id]
-        image_id = self.config.image_token_id
-        return [t for token in ids for t in ([token] * self.config.tokens_per_image if token == image_id else [token])]
-
-    def _sample(self, num_images: int, progress: float) -> tuple[list[int], list[np.ndarray]]:
+    def _sample(self, num_images: int, progress: float) -> Sample:
         easy = self.rng.random() < 1.0 - (1.0 - EASY_FRACTION_END) * progress
         easy_sides = tuple(a + (b - a) * progress for a, b in zip(EASY_START, EASY_END))
         question_type, aspect = self._draw(self.recipe.type_mix), self._draw(self.recipe.aspect_mix)
@@ -121,12 +257,12 @@ class Batches:
         question, answer = record.question, record.answer
         width, height = record.image.size
         for _ in range(num_images - 1):
-            side = min(width, height, int(round(self.config.image_size * self.rng.uniform(1.0, 2.0))))
+            side = min(width, height, int(round(self.trainer.resolution * self.rng.uniform(1.0, 2.0))))
             x, y = (int(v) for v in self.rng.integers(0, (width - side + 1, height - side + 1)))
             images.append(record.image.crop((x, y, x + side, y + side)))
         if num_images == 1 and self.rng.random() < GENERAL_FRACTION:
             question, answer = GENERAL_QUESTION, record.background
-        return self._ids(question, answer, num_images), [preprocess(im, self.image_config) for im in images]
+        return self.trainer.sample(question, answer, images)
 
     def _draw(self, shares: dict[str, float]) -> str:
         """One key by its share (no draw where there is one key, so recipe 1 draws as the shipped run did)."""
@@ -138,32 +274,26 @@ class Batches:
             num_images = 1 + step % (1 + self.recipe.max_extra_images)
             progress = min(1.0, step / (RAMP * self.steps))
             samples = [self._sample(num_images, progress) for _ in range(self.batch_size)]
-            ids = np.full((self.batch_size, num_images * self.config.tokens_per_image + TEXT_LENGTH),
-                          self.config.text.pad_token_id, np.int32)
-            for row, (sample_ids, _) in zip(ids, samples):
-                row[: len(sample_ids)] = sample_ids
-            lengths = np.array([len(s[0]) for s in samples], np.int32)
-            pixels = np.stack([np.stack(s[1]) for s in samples]).astype(np.float32)
-            self.queue.put((ids, pixels, lengths))
+            self.queue.put((num_images, *self.trainer.batch(samples, num_images)))
             step += 1
 
     def next(self):
         return self.queue.get()
 
 
-def make_train_step(module: Llava, optimizer: optax.GradientTransformation):
-    def loss_fn(params, ids, pixels, lengths):
-        """Cross-entropy of the answer word and EOS, the last two tokens of each sample."""
+def make_train_step(module, optimizer: optax.GradientTransformation):
+    def loss_fn(params, ids, lengths, inputs):
+        """Cross-entropy of the answer word and the end token, the last two tokens of each sample."""
         positions = lengths[:, None] + jnp.arange(-3, -1)
-        logits = jnp.take_along_axis(module.apply({"params": params}, ids, pixels), positions[..., None], axis=1)
+        logits = jnp.take_along_axis(module.apply({"params": params}, ids, *inputs), positions[..., None], axis=1)
         targets = jnp.take_along_axis(ids, positions + 1, axis=1)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         answer_correct = jnp.argmax(logits[:, 0], -1) == targets[:, 0]
         return losses.mean(), answer_correct.mean()
 
     @jax.jit
-    def step(params, opt_state, ids, pixels, lengths):
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, ids, pixels, lengths)
+    def step(params, opt_state, ids, lengths, inputs):
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, ids, lengths, inputs)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, accuracy
 
@@ -187,6 +317,8 @@ def choose_map_layer(folder, count: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="vicrop_jax/models/vicrop-tiny")
+    parser.add_argument("--family", choices=sorted(TRAINERS), default="llava",
+                        help="llava: vicrop-tiny's architecture; qwen2_5_vl: vicrop-tiny-qwen's")
     parser.add_argument("--recipe", type=int, choices=sorted(RECIPES), default=1,
                         help="1: the shipped model's data; 2: every question type and aspect of benchmark version 2")
     parser.add_argument("--steps", type=int, default=8000)
@@ -197,35 +329,35 @@ def main() -> None:
     parser.add_argument("--calibration-scenes", type=int, default=256, help="scenes that choose the map layer")
     parser.add_argument("--save-every", type=int, default=1000, help="also write the checkpoint every N steps")
     args = parser.parse_args()
+    train(TRAINERS[args.family], args)
 
+
+def train(trainer_class: type[Trainer], args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    hf_config = model_hf_config()
-    params = init_llava_params(hf_config, args.seed)
     recipe = RECIPES[args.recipe]
-    out = write_llava_checkpoint(args.out, hf_config, params, list(recipe.words))
-    config = LlavaConfig.from_hf_config(hf_config)
-    tokenizer = Tokenizer.from_folder(out)
-    processor = json.loads((out / "preprocessor_config.json").read_text())
-    image_config = ImageProcessorConfig.from_preprocessor_config(processor)
-    module = Llava(config)
+    words = trainer_class.words(recipe)
+    hf_config = trainer_class.hf_config(words)
+    params = trainer_class.init_params(hf_config, args.seed)
+    out = trainer_class.write_checkpoint(Path(args.out), hf_config, params, words)
+    trainer = trainer_class.from_folder(out)
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.learning_rate, min(200, args.steps // 4), args.steps,
                                                   args.learning_rate * 0.02)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     opt_state = optimizer.init(params)
-    step_fn = make_train_step(module, optimizer)
-    batches = Batches(tokenizer, config, image_config, args.batch_size, args.seed, args.steps, recipe)
+    step_fn = make_train_step(trainer.module, optimizer)
+    batches = Batches(trainer, args.batch_size, args.seed, args.steps, recipe)
     history: dict[int, list] = {n: [] for n in range(1, 2 + recipe.max_extra_images)}
     for step in range(1, args.steps + 1):
-        ids, pixels, lengths = batches.next()
-        params, opt_state, loss, accuracy = step_fn(params, opt_state, ids, pixels, lengths)
-        history[pixels.shape[1]].append((float(loss), float(accuracy)))
+        num_images, ids, lengths, inputs = batches.next()
+        params, opt_state, loss, accuracy = step_fn(params, opt_state, ids, lengths, inputs)
+        history[num_images].append((float(loss), float(accuracy)))
         if step % args.log_every == 0:
             recent = "  ".join(f"{n} image(s): loss {np.mean(h[-args.log_every // 3:], axis=0)[0]:.3f} "
                                f"acc {np.mean(h[-args.log_every // 3:], axis=0)[1]:.3f}" for n, h in history.items())
             print(f"step {step}  {time.perf_counter() - start:6.0f} s  {recent}", flush=True)
         if step % args.save_every == 0 and step < args.steps:
-            write_llava_checkpoint(out, hf_config, jax.device_get(params), list(recipe.words))
-    write_llava_checkpoint(out, hf_config, jax.device_get(params), list(recipe.words))
+            trainer_class.write_checkpoint(out, hf_config, jax.device_get(params), words)
+    trainer_class.write_checkpoint(out, hf_config, jax.device_get(params), words)
     choose_map_layer(out, args.calibration_scenes)
     print(f"trained {args.steps} steps in {(time.perf_counter() - start) / 60:.1f} min; wrote {out}")
 

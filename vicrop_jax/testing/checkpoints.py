@@ -25,7 +25,10 @@ from weights_conversion.tables import llava_table
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-QWEN_PIXELS = 224 * 224  # the Qwen processor's min_pixels and max_pixels
+# The Qwen processor's pixel bounds around 224 x 224: with min_pixels = max_pixels = 224**2, smart_resize's float
+# rounding at the bounds sends 11% of square sides (100 to 1500 px) to 196 or 252 px; one merge unit (28 x 28 px)
+# of margin on each side makes every square image 224 x 224 (16 x 16 patches, 8 x 8 LM tokens).
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 224 * 224 - 28 * 28, 224 * 224 + 28 * 28
 
 
 def llava_hf_config(image_size: int = 112, width: int = 64, vocab_size: int = 96, *, vision_width: int | None = None,
@@ -168,11 +171,11 @@ def qwen_word_tokenizer(words: list[str], vocab_size: int) -> Tokenizer:
 
 
 def write_qwen_checkpoint(folder: str | Path, hf_config: dict, params, words: list[str],
-                          pixels: int = QWEN_PIXELS) -> Path:
+                          min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS) -> Path:
     """Params of `QwenVL` as a Hugging Face Qwen2.5-VL folder: config, safetensors, a word tokenizer with Qwen's
-    special tokens (EOS <|im_end|>), and the Qwen2-VL image processor config as transformers 5 writes it, with
-    min_pixels = max_pixels = `pixels` (224 x 224: a square image is 16 x 16 patches, 8 x 8 LM tokens; other
-    aspects keep theirs at about as many pixels)."""
+    special tokens (EOS <|im_end|>), and the Qwen2-VL image processor config as transformers 5 writes it, its
+    pixel bounds by default around 224 x 224 (a square image is 16 x 16 patches, 8 x 8 LM tokens; other aspects
+    keep theirs at about as many pixels)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = QwenVLConfig.from_hf_config(hf_config)
@@ -186,7 +189,7 @@ def write_qwen_checkpoint(folder: str | Path, hf_config: dict, params, words: li
     vision = config.vision
     (folder / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "Qwen2VLImageProcessor", "do_convert_rgb": True, "do_resize": True,
-        "size": {"shortest_edge": pixels, "longest_edge": pixels}, "resample": 3, "do_rescale": True,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}, "resample": 3, "do_rescale": True,
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
         "patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
         "merge_size": vision.spatial_merge_size,
