@@ -35,6 +35,7 @@ the prompt is `qwen2_5_vl_prompt`, the answer word and <|im_end|>; written in Hu
 
 from __future__ import annotations
 
+import abc
 import argparse
 import dataclasses
 import json
@@ -119,11 +120,11 @@ def qwen_model_hf_config(words: list[str]) -> dict:
                           intermediate_factor=3, mrope_section=(6, 9, 9), vision_width=128, vision_layers=0)
 
 
-Sample = tuple[list[int], Any]  # a sample's ids (prompt, answer, end token) and its images as the model reads them
+Sample = tuple[list[int], Any]  # a sample's ids (prompt, answer, end token), its images as the model reads them
 
 
 @dataclasses.dataclass(frozen=True)
-class Trainer:
+class Trainer(abc.ABC):
     """What a model family brings to training (one subclass per family, picked at the command line): its
     checkpoint (config, fresh parameters, writer), the model's inputs of a sample and of a batch, read back from
     the folder it wrote as the model will be loaded. Batches are (ids [B, T], lengths [B], inputs): the model is
@@ -160,11 +161,13 @@ class Trainer:
         """The model's input side, and the smallest crop box of ViCrop."""
         return self.family.crop_size(self.config)
 
+    @abc.abstractmethod
     def sample(self, question: str, answer: str, images: list[Image.Image]) -> Sample:
-        raise NotImplementedError
+        """A sample's ids (its prompt, answer and end token, image placeholders expanded) and processed images."""
 
+    @abc.abstractmethod
     def batch(self, samples: list[Sample], num_images: int) -> tuple[np.ndarray, np.ndarray, tuple]:
-        raise NotImplementedError
+        """(ids [B, T], lengths [B], the model's other inputs) of samples of `num_images` images each."""
 
 
 @dataclasses.dataclass(frozen=True)
