@@ -300,3 +300,22 @@ def test_qwen_training_batches_end_with_the_answer_and_a_few_steps_lower_the_los
         params, opt_state, loss, _ = step(params, opt_state, ids, lengths, (patches, positions))
         losses.append(float(loss))
     assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.slow
+def test_the_embedded_qwen_model_loads_by_name_and_vicrop_recovers_small_details():
+    """vicrop-tiny-qwen, loaded by name as a user would, in transformers' format: large shapes read in the full
+    view, ViCrop's crop recovers small ones."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    qwen = vicrop_jax.load("vicrop-tiny-qwen")
+    assert qwen.family.name == "qwen2_5_vl" and qwen.config.map_layer is not None
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint_folder("vicrop-tiny-qwen"))
+    records = [make_record(HELD_OUT_SEED, i) for i in range(32)]
+    answers = [vicrop_jax.answer(qwen, r.image, r.question, "rel_att", max_new_tokens=3) for r in records]
+    large = [a.original_answer == r.answer for a, r in zip(answers, records) if r.relative_size > 0.15]
+    small = [(a.original_answer == r.answer, a.answer == r.answer)
+             for a, r in zip(answers, records) if r.relative_size < 0.07]
+    assert len(large) >= 5 and np.mean(large) >= 0.8
+    without, with_crop = np.mean(small, axis=0)
+    assert len(small) >= 5 and with_crop > without
