@@ -126,7 +126,9 @@ def test_other_key_and_config_layouts_load_to_the_same_weights(case, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     flat = {**{k: v for k, v in config.items() if k != "text_config"}, **config["text_config"],
             "model_type": "qwen2_5_vl"}
-    flat["rope_scaling"] = {"type": "mrope", "mrope_section": flat.pop("rope_parameters")["mrope_section"]}
+    rope = flat.pop("rope_parameters")
+    flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    flat["rope_theta"] = rope["rope_theta"]  # the published layout names it at the top level
     flat["vision_config"]["model_type"] = "qwen2_5_vl"
     (old / "config.json").write_text(json.dumps(flat))
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
