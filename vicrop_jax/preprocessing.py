@@ -244,8 +244,14 @@ def preprocess(image: ImageInput, config: ImageProcessorConfig) -> np.ndarray:
     pixels = np.asarray(rgb)  # uint8: transformers crops before converting to float
     if config.do_center_crop:
         pixels = _center_crop(pixels, config.crop_size["height"], config.crop_size["width"])
+    return rescale_and_normalize(pixels, config)
+
+
+def rescale_and_normalize(pixels: np.ndarray, config) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 as transformers' processors do it (a config with do_rescale, rescale_factor,
+    do_normalize, image_mean, image_std): the rescale in float64 rounded to float32, then the normalisation in
+    float32 with the mean and std rounded to float32, which keeps the bits equal."""
     if config.do_rescale:
-        # transformers multiplies in float64 and then rounds to float32; doing the same keeps bit equality.
         pixels = (pixels.astype(np.float64) * config.rescale_factor).astype(np.float32)
     else:
         pixels = pixels.astype(np.float32)

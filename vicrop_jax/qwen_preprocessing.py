@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import PIL.Image
 
-from vicrop_jax.preprocessing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageInput, load_image
+from vicrop_jax.preprocessing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageInput, load_image, rescale_and_normalize
 
 # transformers' class defaults. Qwen2.5-VL checkpoints override max_pixels (12845056 = 16384 * 28 * 28).
 DEFAULT_MIN_PIXELS = 56 * 56
@@ -287,23 +287,8 @@ def preprocess_qwen(image: ImageInput, config: QwenImageProcessorConfig, max_pix
             f"With do_resize false, both sides must be multiples of patch_size * merge_size = {config.factor}, "
             f"got a {rgb.width}x{rgb.height} image. Resize or crop it first, or set do_resize."
         )
-    pixels = _rescale_and_normalize(np.asarray(rgb), config)
+    pixels = rescale_and_normalize(np.asarray(rgb), config)
     return _patchify(pixels, config)
-
-
-def _rescale_and_normalize(pixels: np.ndarray, config: QwenImageProcessorConfig) -> np.ndarray:
-    """uint8 (H, W, 3) -> float32, with transformers' precision at each step so the bits agree."""
-    if config.do_rescale:
-        # transformers multiplies in float64 and only then rounds to float32.
-        values = (pixels.astype(np.float64) * config.rescale_factor).astype(np.float32)
-    else:
-        values = pixels.astype(np.float32)
-    if config.do_normalize:
-        # ... but normalises in float32, with the mean and std themselves rounded to float32.
-        mean = np.asarray(config.image_mean, dtype=np.float32)
-        std = np.asarray(config.image_std, dtype=np.float32)
-        values = (values - mean) / std
-    return values
 
 
 def _patchify(pixels: np.ndarray, config: QwenImageProcessorConfig) -> QwenImage:

@@ -54,7 +54,7 @@ from PIL import Image
 import vicrop_jax
 from benchmarks.synthetic.evaluate import by_layer, layer_analysis
 from vicrop_jax.families import LLAVA, QWEN2_5_VL, Family
-from vicrop_jax.families.qwen2_5_vl import merged_grid, rope_positions
+from vicrop_jax.families.qwen2_5_vl import image_tokens, rope_positions
 from vicrop_jax.nn._config import MAP_LAYER_KEY
 from vicrop_jax.nn.qwen_vit import VisionPatches, vision_patches
 from vicrop_jax.testing.checkpoints import (
@@ -212,7 +212,7 @@ class QwenTrainer(Trainer):
 
     def sample(self, question, answer, images):
         processed = [preprocess_qwen(im, self.image_config) for im in images]
-        tokens = [int(np.prod(merged_grid(self.config, image.grid))) for image in processed]
+        tokens = [image_tokens(self.config, image.grid) for image in processed]
         ids, _ = self.family.prompt_inputs(self, qwen2_5_vl_prompt(question, len(images)) + answer, len(images),
                                            tokens)  # the trainer reads as the model does: tokenizer and config
         return ids + [self.tokenizer.eos_id], processed

@@ -45,6 +45,20 @@ class PromptArrays(NamedTuple):
     position_offset: jax.Array | None = None
 
 
+def expand_image_markers(ids: list[int], image_id: int, counts: list[int], marker: str, prompt_function: str
+                         ) -> list[int]:
+    """Token ids with the i-th image marker repeated counts[i] times (one position per image feature), refusing a
+    prompt whose markers do not match the images given."""
+    found = ids.count(image_id)
+    if found != len(counts):
+        raise ValueError(
+            f"the prompt has {found} {marker} marker(s) but {len(counts)} image(s) were given; put one "
+            f"{marker} per image where it belongs (see vicrop_jax.prompts.{prompt_function})"
+        )
+    counts_left = iter(counts)
+    return [t for token in ids for t in ([token] * next(counts_left) if token == image_id else [token])]
+
+
 def stack_arrays(trees: list) -> Any:
     """Host pytrees (prompt arrays) stacked leaf by leaf on a new leading axis."""
     return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *trees)

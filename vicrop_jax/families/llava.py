@@ -8,7 +8,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.families._base import Family, PromptArrays, ReadAttention, image_attention
+from vicrop_jax.families._base import Family, PromptArrays, ReadAttention, expand_image_markers, image_attention
 from vicrop_jax.nn.llama import ATTENTION_PROBS
 from vicrop_jax.nn.llava import Llava, LlavaConfig
 from vicrop_jax.prompts import llava_prompt
@@ -24,18 +24,9 @@ class LlavaFamily(Family):
 
     def prompt_inputs(self, model, prompt: str, num_images: int):
         """Each `<image>` marker of the prompt becomes one position per visual token; no extra image inputs."""
-        ids = model.tokenizer.encode(prompt)
-        image_id = model.config.image_token_id
-        found = ids.count(image_id)
-        if found != num_images:
-            raise ValueError(
-                f"the prompt has {found} {IMAGE_MARKER} marker(s) but {num_images} image(s) were given; put one "
-                f"{IMAGE_MARKER} per image where it belongs (see vicrop_jax.prompts.llava_prompt)"
-            )
-        expanded: list[int] = []
-        for token in ids:
-            expanded.extend([token] * model.config.tokens_per_image if token == image_id else [token])
-        return expanded, ()
+        counts = [model.config.tokens_per_image] * num_images
+        return expand_image_markers(model.tokenizer.encode(prompt), model.config.image_token_id, counts,
+                                    IMAGE_MARKER, "llava_prompt"), ()
 
     def prefix_length(self, model) -> int:
         return len(self.prompt_inputs(model, IMAGE_MARKER, 1)[0])

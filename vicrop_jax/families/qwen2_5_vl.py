@@ -16,7 +16,8 @@ from typing import Any, ClassVar, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from vicrop_jax.families._base import Family, GenerationInputs, PromptArrays, head_mean, stack_arrays
+from vicrop_jax.families._base import (Family, GenerationInputs, PromptArrays, expand_image_markers, head_mean,
+                                       stack_arrays)
 from vicrop_jax.nn.decoding import bucket_length
 from vicrop_jax.nn.llama import ATTENTION_PROBS
 from vicrop_jax.nn.qwen2_5_vl import QwenVL, QwenVLConfig
@@ -26,7 +27,6 @@ from vicrop_jax.qwen_preprocessing import (QwenImage, QwenImageProcessorConfig, 
                                            resized_size)
 from weights_conversion.qwen2_5_vl_table import QWEN_KEY_ALIASES, qwen2_5_vl_table
 
-IMAGE_PAD = "<|image_pad|>"
 PATCH_BUCKET = 256  # a prompt's patches are padded to a multiple of this (64 merged tokens): one compile per bucket
 VICROP_MAX_PIXELS = 256 * 28 * 28  # the release's image budget for Qwen2.5-VL (at most 256 merged tokens)
 CROP_SIZE = 224  # the release's smallest crop box for Qwen2.5-VL
@@ -49,6 +49,11 @@ def merged_grid(config: QwenVLConfig, grid: tuple[int, int, int]) -> tuple[int, 
     """An image's grid of patches (t, h, w) -> its grid of LM tokens."""
     merge = config.vision.spatial_merge_size
     return grid[0], grid[1] // merge, grid[2] // merge
+
+
+def image_tokens(config: QwenVLConfig, grid: tuple[int, int, int]) -> int:
+    """The LM tokens of an image of patch grid (t, h, w)."""
+    return int(np.prod(merged_grid(config, grid)))
 
 
 def rope_positions(config: QwenVLConfig, ids: Sequence[int], grids: Sequence[tuple[int, int, int]]
@@ -115,22 +120,14 @@ class QwenFamily(Family):
         read; `generate` checks the prompt it builds)."""
         return self.pixel_budget(model) // model.image_config.factor**2
 
-    def prompt_inputs(self, model, prompt: str, num_images: int, image_tokens: Sequence[int] | None = None):
-        """Each `<|image_pad|>` becomes one position per merged token of its image (`image_tokens`, in order;
+    def prompt_inputs(self, model, prompt: str, num_images: int, token_counts: Sequence[int] | None = None):
+        """Each `<|image_pad|>` becomes one position per merged token of its image (`token_counts`, in order;
         without them, the most an image can take); no extra image inputs."""
-        ids = model.tokenizer.encode(prompt)
-        image_id = model.config.image_token_id
-        found = ids.count(image_id)
-        if found != num_images:
-            raise ValueError(
-                f"the prompt has {found} {IMAGE_PAD} marker(s) but {num_images} image(s) were given; put one "
-                f"{QWEN_IMAGE} per image where it belongs (see vicrop_jax.prompts.qwen2_5_vl_prompt)"
-            )
-        counts = iter(image_tokens if image_tokens is not None else [self.most_image_tokens(model)] * num_images)
-        expanded: list[int] = []
-        for token in ids:
-            expanded.extend([token] * next(counts) if token == image_id else [token])
-        return expanded, ()
+        counts = list(token_counts) if token_counts is not None else [self.most_image_tokens(model)] * num_images
+        if len(counts) != num_images:
+            raise ValueError(f"{len(counts)} token counts for {num_images} image(s)")
+        return expand_image_markers(model.tokenizer.encode(prompt), model.config.image_token_id, counts, QWEN_IMAGE,
+                                    "qwen2_5_vl_prompt"), ()
 
     def image_patches(self, model, images: Sequence[QwenImage], length: int | None = None) -> VisionPatches:
         """One prompt's processed images as the vision tower's input, padded to `length` (default: its bucket)."""
@@ -147,7 +144,7 @@ class QwenFamily(Family):
         length = max(patch_bucket(sum(len(image.patches) for image in images)) for images in processed)
         encoded = []
         for images, prompt in zip(processed, prompts):
-            tokens = [int(np.prod(merged_grid(model.config, image.grid))) for image in images]
+            tokens = [image_tokens(model.config, image.grid) for image in images]
             ids, _ = self.prompt_inputs(model, prompt, len(images), tokens)
             encoded.append((ids, self.image_patches(model, images, length), images))
         bucket = max(prompt_bucket(model.config, ids, length) for ids, _, _ in encoded)
@@ -222,7 +219,7 @@ class QwenFamily(Family):
     def generation_inputs(self, model, images, prompt: str, vicrop: bool = False) -> GenerationInputs:
         budget = self.pixel_budget(model) if vicrop else None
         processed = [preprocess_qwen(image, model.image_config, budget) for image in images]
-        tokens = [int(np.prod(merged_grid(model.config, image.grid))) for image in processed]
+        tokens = [image_tokens(model.config, image.grid) for image in processed]
         ids, _ = self.prompt_inputs(model, prompt, len(images), tokens)
         positions, offset = rope_positions(model.config, ids, [image.grid for image in processed])
         limit = model.config.text.max_position_embeddings
