@@ -252,6 +252,6 @@ def test_eval_refuses_to_resume_with_other_options_or_options_a_method_does_not_
     assert main(eval_args(model, llava_records, out, "--method", "rel_att", "--regions", "3")) == 2
     assert "regions 2 there, 3 now" in capsys.readouterr().err
     assert main(eval_args(model, llava_records, tmp_path / "none.jsonl", "--method", "none", "--gate", "0.5")) == 2
-    assert "only map methods take this" in capsys.readouterr().err
+    assert "--gate 0.5: method 'none' does not take this" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(eval_args(model, llava_records, tmp_path / "bad.jsonl", "--regions", "zero"))

@@ -1,4 +1,4 @@
-"""vicrop_jax: LLaVA-1.5 and InstructBLIP in JAX/Flax, for ViCrop (training-free visual cropping).
+"""vicrop_jax: LLaVA-1.5, InstructBLIP and Qwen2.5-VL in JAX/Flax, for ViCrop (training-free visual cropping).
 
 Public API:
 - `load(path_or_repo_id, dtype="auto") -> Model`: a Hugging Face LLaVA-1.5 or InstructBLIP-Vicuna
@@ -8,10 +8,13 @@ Public API:
 - Methods as values: `RelAtt(layer=..., heads=...)`, `GradAtt(clip_negative=...)`, `PureGrad()`, `ByConfidence()`
   (method "auto": rel-att's or grad-att's crop, whichever answer is surer), and the baselines `NoCrop()`,
   `GroundTruth()`, `RandomCrop()`, `CenterCrop()`; `method=` takes a value or its name. Map methods take
-  `regions=K` or "auto", `gate=` and `geometry=` (`Geometry.PAPER` or `EXACT`).
+  `regions=K` or "auto", `gate=` and `geometry=` (`Geometry.PAPER` or `EXACT`). The competing zoom strategies
+  on the same backbone: `Focus()` (FOCUS, "focus") and `ZoomSearch()` (ZoomEye's search, "zoom_search"), which
+  look for `answer(..., target=)`.
 - `select_bbox(importance, image_size, base_size, frame=None) -> (x1, y1, x2, y2)`: the paper's box selection;
   `select_boxes(..., regions=K)`: K boxes, each with the earlier boxes' cells suppressed.
-- `answer(model, image, question, method="rel_att", ...) -> Answer`: ViCrop end to end, one jitted program.
+- `answer(model, image, question, method="rel_att", ...) -> Answer`: ViCrop end to end, one jitted program;
+  `Answer.cost` counts the model passes it took.
 - `answer_batch(model, images, questions, method="rel_att", ...) -> list[Answer]`: the same, vmapped; records
   that cannot run raise `BatchError` after the others are answered.
 - `viz.overlay(image, importance, bbox, path)`: the map over the image, the box drawn.
@@ -30,10 +33,12 @@ from vicrop_jax.vicrop.methods import (
     ByConfidence, CenterCrop, Geometry, GradAtt, GroundTruth, MapMethod, NoCrop, PureGrad, RandomCrop, RelAtt,
     Strategy,
 )
+from vicrop_jax.vicrop.strategy import Cost
+from vicrop_jax.vicrop.zoom import AnswerViews, Focus, ZoomSearch
 
 __all__ = [
-    "Answer", "BatchError", "ByConfidence", "CenterCrop", "Geometry", "GradAtt", "GroundTruth", "MapMethod", "Model",
-    "NoCrop", "PureGrad", "RandomCrop", "RelAtt", "Strategy", "answer", "answer_batch", "generate", "importance_map",
-    "load", "select_bbox", "select_boxes", "viz",
+    "Answer", "AnswerViews", "BatchError", "ByConfidence", "CenterCrop", "Cost", "Focus", "Geometry", "GradAtt",
+    "GroundTruth", "MapMethod", "Model", "NoCrop", "PureGrad", "RandomCrop", "RelAtt", "Strategy", "ZoomSearch",
+    "answer", "answer_batch", "generate", "importance_map", "load", "select_bbox", "select_boxes", "viz",
 ]
 __version__ = "0.1.0"

@@ -73,7 +73,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from vicrop_jax.evaluation.runner import EvalSettings, evaluate
 
     names = [field.name for field in dataclasses.fields(EvalSettings)]
-    return evaluate(EvalSettings(**{name: getattr(args, name) for name in names}))
+    given = {name: getattr(args, name) for name in names}
+    return evaluate(EvalSettings(**{**given, "options": tuple(given["options"])}))
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -116,6 +117,9 @@ def add_eval_parser(commands) -> None:
     evaluate.add_argument("--geometry", choices=("paper", "exact"), default="paper",
                           help="paper: the map stretched over the whole image; exact: on the part the image "
                                "processor keeps (LLaVA: the centre square)")
+    evaluate.add_argument("--option", dest="options", action="append", default=[], metavar="NAME=VALUE",
+                          help="another option of the method (repeatable), e.g. focus: checks=4, zoom_search: "
+                               "node_budget=32 or threshold_decrease=[0.1,0.2]")
     evaluate.add_argument("--process-index", type=int, help="this process's share: records i %% count == index")
     evaluate.add_argument("--process-count", type=int, help="number of processes sharing the run")
     evaluate.add_argument("--allow-outside-images", action="store_true",

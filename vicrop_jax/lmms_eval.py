@@ -11,10 +11,7 @@ Axis letters: T tokens, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
-import types
-import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +38,7 @@ from vicrop_jax.cli import DTYPE_CHOICES
 from vicrop_jax.nn.decoding import pad_prompt
 from vicrop_jax.vicrop._api import host_boxes
 from vicrop_jax.vicrop.methods import (
-    GroundTruth, NoCrop, Strategy, method_from_name, option_names, resolve_method, strategy_class,
+    GroundTruth, NoCrop, Strategy, method_from_name, option_names, resolve_method, strategy_class, typed_options,
 )
 
 MODEL_NAME = "vicrop_jax"
@@ -51,7 +48,6 @@ GREEDY_SETTINGS = {"temperature": 0, "do_sample": False, "num_beams": 1}  # anyt
 # top_p and top_k do nothing in greedy decoding; images go through the checkpoint's own image processor, as in
 # vicrop-jax eval, whatever image_aspect_ratio a task names (it selects original LLaVA's preprocessing)
 IGNORED_GENERATION_KWARGS = ("top_p", "top_k", "image_aspect_ratio")
-UNSET = "none"  # the model_args text of an optional option left at None (`heads=none`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,31 +66,6 @@ class Generation:
 
     max_new_tokens: int | None
     until: tuple[str, ...]
-
-
-def option_value(name: str, value: Any, kind: Any) -> Any:
-    """A model_args value (text, or the int/float/bool lmms-eval made of it) as the option's type: int, float,
-    bool, str, an enum's value, a tuple of ints (`heads=[0,5]`), or None for an optional one (UNSET); of a union
-    (`regions`: int or "auto"), the first type that reads it."""
-    text = str(value).strip()
-    kinds = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
-    if type(None) in kinds and text.lower() == UNSET:
-        return None
-    for base in (k for k in kinds if k is not type(None)):
-        if base is bool:
-            if text.lower() in ("true", "false"):
-                return text.lower() == "true"
-            continue
-        if base is str:
-            return text
-        try:
-            if base in (int, float) or (isinstance(base, type) and issubclass(base, enum.Enum)):
-                return base(text)
-            if typing.get_origin(base) is tuple:
-                return tuple(int(part) for part in text.strip("[]()").replace(",", " ").split())
-        except ValueError:
-            continue
-    raise ValueError(f"model_args {name}={value!r} is not a valid {kind} value (heads take a list: heads=[0,5])")
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -122,9 +93,7 @@ def parse_model_args(args: dict[str, Any]) -> ModelArgs:
         refusal = (f"method {method_name!r} crops the dataset's ground-truth box, which lmms-eval requests do not "
                    "carry; choose a map method or another baseline")
         raise ValueError(refusal)  # noqa: TRY004 (a method the user chose, not an argument of a wrong type)
-    hints = typing.get_type_hints(method_class)
-    method = method_from_name(method_name, **{name: option_value(name, value, hints[name])
-                                              for name, value in options.items()})
+    method = method_from_name(method_name, **typed_options(method_class, options, "model_args"))
     dtype = str(args.get("dtype", ModelArgs.dtype))
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
@@ -298,8 +267,8 @@ class VicropJax(lmms):
         for seed, ((context, task, split, doc_id), positions) in enumerate(questions.items()):
             doc = self._doc(task, split, doc_id)
             image = one_image(requests[positions[0]].args[2](doc), task, doc_id)
-            boxes = [] if isinstance(self.method, NoCrop) else host_boxes(self.model, image, context, self.method,
-                                                                            seed=seed)[0]
+            boxes = () if isinstance(self.method, NoCrop) else host_boxes(self.model, image, context, self.method,
+                                                                            seed=seed).boxes
             pixels = pixel_values(self.model, [image] + [image.crop(box) for box in boxes])
             for position in positions:
                 target = requests[position].args[1]

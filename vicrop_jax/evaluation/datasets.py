@@ -36,6 +36,7 @@ class Record:
     bboxes: tuple[tuple[float, float, float, float], ...] | None = None  # every box the answer needs (method gt)
     options: tuple[str, ...] | None = None  # multiple choice
     dataset: str | None = None
+    target: str | None = None  # the object the zoom strategies look for (default: taken from the question)
 
 
 class _FieldError(Exception):
@@ -110,6 +111,7 @@ def parse_record(raw: Any, dataset: str | None = None) -> Record:
         bboxes=None if bboxes is None else tuple(tuple(float(v) for v in box) for box in bboxes),
         options=None if options is None else tuple(options),
         dataset=_get(raw, "dataset", "a string", is_str, optional=True) or dataset,
+        target=_get(raw, "target", "a string", is_str, optional=True),
     )
 
 

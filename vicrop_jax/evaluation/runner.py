@@ -57,7 +57,7 @@ from vicrop_jax._loading import Model, checkpoint_identity
 from vicrop_jax.vicrop._api import most_crops, padded_batch_size, question_problem, run_padded_batch
 from vicrop_jax.vicrop.methods import (
     SECOND_REGION_MASS, GroundTruth, MapMethod, Strategy, method_from_name, option_names, resolve_method,
-    strategy_class,
+    strategy_class, typed_options,
 )
 from vicrop_jax.evaluation.datasets import Record, check_options, read_dataset, record_options
 from vicrop_jax.evaluation.metrics import METRIC_NAMES, area_fraction, score_answer
@@ -90,6 +90,7 @@ class EvalSettings:
     second_region_mass: float = SECOND_REGION_MASS
     gate: float | None = None
     geometry: str = "paper"
+    options: tuple[str, ...] = ()  # NAME=VALUE options of the method beyond the flags above (`--option`)
     process_index: int | None = None
     process_count: int | None = None
     distributed: bool = False
@@ -103,6 +104,7 @@ class EvalSettings:
             "max_new_tokens": self.max_new_tokens, "seed": self.seed, "layer": self.layer,
             "qformer_layer": self.qformer_layer, "high_res": self.high_res, "regions": self.regions,
             "second_region_mass": self.second_region_mass, "gate": self.gate, "geometry": self.geometry,
+            "options": sorted(self.options),
         }
 
     @property
@@ -110,11 +112,12 @@ class EvalSettings:
         """The method with the options that change what it does, as result files and score tables name it."""
         options = [f"{name}={getattr(self, name)}" for name, default in MAP_OPTION_DEFAULTS.items()
                    if getattr(self, name) != default]
-        return " ".join([self.method, *options])
+        return " ".join([self.method, *options, *sorted(self.options)])
 
 
 # Options of map methods that a run records; lines written before they existed had their defaults.
 MAP_OPTION_DEFAULTS = {"regions": 1, "second_region_mass": SECOND_REGION_MASS, "gate": None, "geometry": "paper"}
+RECORDED_DEFAULTS = {**MAP_OPTION_DEFAULTS, "options": []}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +175,8 @@ def finished_ids(path: Path, identity: dict) -> set[str]:
         if "id" not in line or not isinstance(run, dict):
             raise ValueError(f"{path} line {number} is not a result line that records its run's settings (an "
                              "older vicrop-jax or another program wrote it); pass another --out")
-        differing = [f"{key} {run.get(key, MAP_OPTION_DEFAULTS.get(key))!r} there, {value!r} now"
-                     for key, value in identity.items() if run.get(key, MAP_OPTION_DEFAULTS.get(key)) != value]
+        differing = [f"{key} {run.get(key, RECORDED_DEFAULTS.get(key))!r} there, {value!r} now"
+                     for key, value in identity.items() if run.get(key, RECORDED_DEFAULTS.get(key)) != value]
         if differing:
             raise ValueError(f"{path} line {number} comes from a run with other settings ({'; '.join(differing)}); "
                              "resuming needs the same settings, or pass another --out")
@@ -258,16 +261,27 @@ def answer_or_error(answer_fn: Callable[[list[Prepared]], list[vicrop_jax.Answer
 
 
 def run_strategy(settings: EvalSettings) -> Strategy:
-    """The run's method as a value, with the map options of the command line where it takes them; options that
-    only map methods take are refused for the others."""
+    """The run's method as a value, with the options of the command line: its flags (`--layer`, `--regions`, ...)
+    where the method takes them, and `--option NAME=VALUE`. A flag set for a method that does not take it is
+    refused, and so is an option given both ways."""
     names = option_names(strategy_class(settings.method))
-    given = [f"--{name} {getattr(settings, name)}" for name, default in MAP_OPTION_DEFAULTS.items()
-             if getattr(settings, name) != default and name not in names]
+    flags = {"layer": settings.layer, "qformer_layer": settings.qformer_layer,
+             **{name: getattr(settings, name) for name in MAP_OPTION_DEFAULTS}}
+    defaults = {"layer": None, "qformer_layer": 2, **MAP_OPTION_DEFAULTS}
+    given = [f"--{name.replace('_', '-')} {value}" for name, value in flags.items()
+             if value != defaults[name] and name not in names]
     if given:
-        raise ValueError(f"{', '.join(given)}: only map methods take this; method {settings.method!r} does not")
-    map_options = {"layer": settings.layer, "qformer_layer": settings.qformer_layer,
-                   **{name: getattr(settings, name) for name in MAP_OPTION_DEFAULTS}}
-    return method_from_name(settings.method, **{k: v for k, v in map_options.items() if k in names})
+        raise ValueError(f"{', '.join(given)}: method {settings.method!r} does not take this")
+    pairs = [option.partition("=") for option in settings.options]
+    malformed = [name for name, equals, _ in pairs if not equals or not name]
+    if malformed:
+        raise ValueError(f"--option takes NAME=VALUE, got {', '.join(repr(o) for o in settings.options)}")
+    options = typed_options(strategy_class(settings.method), {name: value for name, _, value in pairs}, "--option")
+    twice = sorted(name for name in options if name in flags)
+    if twice:
+        raise ValueError(f"--option {', '.join(twice)}: give {', '.join('--' + n.replace('_', '-') for n in twice)} "
+                         "instead")
+    return method_from_name(settings.method, **{k: v for k, v in flags.items() if k in names}, **options)
 
 
 def batch_answer_fn(model: Model, strategy: Strategy, settings: EvalSettings, mesh: Mesh | None, batch_size: int):
@@ -280,7 +294,7 @@ def batch_answer_fn(model: Model, strategy: Strategy, settings: EvalSettings, me
             vicrop_jax.answer(model, p.image, p.record.question, strategy,
                               short_question=p.record.short_question, high_res=settings.high_res,
                               bbox=p.record.bboxes or p.record.bbox, seed=settings.seed + p.index,
-                              max_new_tokens=settings.max_new_tokens)
+                              max_new_tokens=settings.max_new_tokens, target=p.record.target)
             for p in prepared
         ]
     return lambda prepared: run_padded_batch(
@@ -309,7 +323,8 @@ def result_line(prepared: Prepared, outcome: Outcome | None, identity: dict, dat
     if error is not None:
         return {**line, "original_answer": None, "crop_answer": None, "bbox": None, "bboxes": None,
                 "cropped": None, "confidence": None, "chosen": None, "original_correct": None,
-                "crop_correct": None, "timing": None, "error": error, "error_kind": prepared.error_kind or "model"}
+                "crop_correct": None, "timing": None, "cost": None, "error": error,
+                "error_kind": prepared.error_kind or "model"}
     options = record_options(record) if metric == "mc" else ()
     return {
         **line,
@@ -323,6 +338,7 @@ def result_line(prepared: Prepared, outcome: Outcome | None, identity: dict, dat
         "original_correct": score_answer(metric, outcome.original_answer, record.labels, options),
         "crop_correct": score_answer(metric, outcome.answer, record.labels, options),
         "timing": outcome.timings,
+        "cost": None if outcome.cost is None else dataclasses.asdict(outcome.cost),
         "error": None,
     }
 

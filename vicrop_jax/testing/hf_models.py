@@ -36,7 +36,7 @@ from vicrop_jax.testing.checkpoints import CLIP_MEAN, CLIP_STD, SPECIAL_TOKENS, 
 WORDS = (
     "USER ASSISTANT : . , ? ! Answer the question using a single word or phrase What is color of "
     "Write general description image shape digit letter red green blue yellow small large left right "
-    "top bottom in on and there how many Question Short"
+    "top bottom in on and there how many Question Short Yes No Is"
 ).split()
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -25,11 +25,17 @@ from vicrop_jax._loading import Model
 from vicrop_jax.families import stack_arrays
 from vicrop_jax.nn.decoding import strip_generated
 from vicrop_jax.preprocessing import load_image
+from vicrop_jax.prompts import NO_WORD, YES_WORD
 from vicrop_jax.vicrop import _pipeline
 from vicrop_jax.vicrop._pipeline import CropInputs, MapInputs
 from vicrop_jax.vicrop.boxes import Box, outside_mass, select_boxes, stitch_maps, tile_boxes, tile_grid
 from vicrop_jax.vicrop.maps import StaticModel
 from vicrop_jax.vicrop.methods import FixedCrop, Geometry, MapMethod, NoCrop, Strategy, resolve_method
+from vicrop_jax.vicrop.strategy import Cost
+from vicrop_jax.vicrop.zoom import (
+    MAX_TARGET_TOKENS, AnswerViews, Focus, Search, ZoomStrategy, combined_relevance, focus_relevance,
+    target_from_question, target_rows, yes_probabilities,
+)
 
 HIGH_RES_THRESHOLD = 1024
 IMAGE_BUCKET = 256
@@ -45,6 +51,7 @@ class Answer:
     timings: dict[str, float]
     confidence: float | None = None  # with a gate: the probability of the plain answer's first token
     chosen: str | None = None  # method "auto": the map whose crop answered
+    cost: Cost | None = None  # the model passes it took, as the published procedure runs them
 
     @property
     def bbox(self) -> Box | None:
@@ -140,10 +147,12 @@ def device_crop(model: Model, image: ImageLike, box: Sequence[int]) -> np.ndarra
     return np.asarray(_pipeline.crop_pixels(static_model(model), crop, np.asarray([box], np.int32), np.float32)[0])
 
 
-def _single_map(model: Model, image: PIL.Image.Image, question: str, method: MapMethod) -> np.ndarray:
+def _single_map(model: Model, image: PIL.Image.Image, question: str, method: MapMethod) -> tuple[np.ndarray, Cost]:
+    """The map on the image's grid, and the passes it took."""
     inputs = map_inputs(model, image, question, method)
     importance = _pipeline.importance_program(static_model(model), model.params, inputs, method=method)
-    return model.family.host_map(model, image, np.asarray(importance))
+    cost = method.map_cost(int(inputs.question.length), int(inputs.general.length))
+    return model.family.host_map(model, image, np.asarray(importance)), cost
 
 
 def whole_prompt_map(model: Model, image: ImageLike, question: str, method: MapMethod) -> np.ndarray:
@@ -161,11 +170,19 @@ def lower_map(model: Model, image: ImageLike, question: str, method: MapMethod) 
     return program.lower(static_model(model), model.params, inputs, method=method)
 
 
-def _high_res_map(model: Model, image: PIL.Image.Image, question: str, method: MapMethod) -> np.ndarray:
+def _high_res_map(model: Model, image: PIL.Image.Image, question: str, method: MapMethod) -> tuple[np.ndarray, Cost]:
     """One map per tile of at most 1024 px, stitched in tile order."""
     rows, cols, _, _ = tile_grid(image.size, HIGH_RES_THRESHOLD)
     tiles = [image.crop(box) for box in tile_boxes(image.size, HIGH_RES_THRESHOLD, clip=False)]
-    return stitch_maps([_single_map(model, tile, question, method) for tile in tiles], rows, cols)
+    maps, costs = zip(*(_single_map(model, tile, question, method) for tile in tiles))
+    return stitch_maps(list(maps), rows, cols), sum(costs, Cost())
+
+
+def _map(model: Model, image: PIL.Image.Image, question: str, method: MapMethod, high_res: bool
+         ) -> tuple[np.ndarray, Cost]:
+    if high_res and max(image.size) > HIGH_RES_THRESHOLD:
+        return _high_res_map(model, image, question, method)
+    return _single_map(model, image, question, method)
 
 
 def _map_method(model: Model, method: str | Strategy, options: dict) -> MapMethod:
@@ -185,14 +202,7 @@ def importance_map(model: Model, image: ImageLike, question: str, method: str | 
     """
     method = _map_method(model, method, options)
     _check_question(model, question, 0, answered=False)
-    image = load_image(image)
-    if high_res and max(image.size) > HIGH_RES_THRESHOLD:
-        return _high_res_map(model, image, question, method)
-    return _single_map(model, image, question, method)
-
-
-def _decode(model: Model, tokens) -> str:
-    return model.tokenizer.decode(strip_generated(np.asarray(tokens)))
+    return _map(model, load_image(image), question, method, high_res)[0]
 
 
 def _box(box) -> tuple[int, int, int, int]:
@@ -201,61 +211,166 @@ def _box(box) -> tuple[int, int, int, int]:
 
 def answer(model: Model, image: ImageLike, question: str, method: str | Strategy = "rel_att", *,
            short_question: str | None = None, high_res: bool = False, max_new_tokens: int = 20,
-           bbox: Sequence | None = None, seed: int = 0, device_pipeline: bool = True,
+           bbox: Sequence | None = None, seed: int = 0, device_pipeline: bool = True, target: str | None = None,
            **options) -> Answer:
     """Answer with ViCrop: the map of `method` picks the boxes, the crops join the original as extra images.
 
     method: a name, rel_att, grad_att, pure_grad, auto (maps) or the baselines none, gt (needs `bbox`: one box
     or a list of boxes), random, center, with its options as keywords (maps: regions, gate, geometry, ...); or
-    a `Strategy` value. `short_question` (V*-style) is used for the map only. `device_pipeline=False` runs the
-    host path.
+    a `Strategy` value; or the competing strategies focus and zoom_search, which look for `target` (default:
+    `target_from_question`). `short_question` (V*-style) is used for the map only. `device_pipeline=False` runs
+    the host path.
     """
     strategy = resolve_method(model, method, **options)
     _check_question(model, question, max_new_tokens, short_question, crops=most_crops(strategy))
     start = time.perf_counter()
     image = load_image(image)
     if isinstance(strategy, NoCrop):
-        text, _ = plain_answers(model, [image], [question], max_new_tokens)[0]
-        return Answer(text, text, (), None, {"total": time.perf_counter() - start})
+        [plain] = plain_answers(model, [image], [question], max_new_tokens)
+        return Answer(plain.text, plain.text, (), None, {"total": time.perf_counter() - start}, cost=plain.cost)
+    if isinstance(strategy, ZoomStrategy):
+        return _zoom_answer(model, image, question, strategy, zoom_target(target, short_question or question),
+                            max_new_tokens, start)
     if isinstance(strategy, MapMethod) and strategy.gate is not None:
-        [(text, confidence)] = plain_answers(model, [image], [question], max_new_tokens)
-        if confidence >= strategy.gate:
-            return Answer(text, text, (), None, {"total": time.perf_counter() - start}, confidence)
+        [plain] = plain_answers(model, [image], [question], max_new_tokens)
+        if plain.confidence >= strategy.gate:
+            return Answer(plain.text, plain.text, (), None, {"total": time.perf_counter() - start}, plain.confidence,
+                          cost=plain.cost)
         cropped = answer(model, image, question, strategy.program_method, short_question=short_question,
                          high_res=high_res, max_new_tokens=max_new_tokens, device_pipeline=device_pipeline)
         timings = {**cropped.timings, "total": time.perf_counter() - start}
-        return dataclasses.replace(cropped, timings=timings, confidence=confidence)
+        return dataclasses.replace(cropped, timings=timings, confidence=plain.confidence,
+                                   cost=plain.cost + cropped.cost)
     static = static_model(model)
     map_question = short_question or question
     if isinstance(strategy, MapMethod):
         tiled = high_res and max(image.size) > HIGH_RES_THRESHOLD
         if device_pipeline and model.family.fixed_resolution and not tiled:
+            inputs = map_inputs(model, image, map_question, strategy)
             crop = crop_inputs(model, image, question, strategy.crop_counts)
-            out = _pipeline.pipeline(static, model.params, map_inputs(model, image, map_question, strategy), crop,
-                                     method=strategy, max_new_tokens=max_new_tokens,
-                                     reuse_question_pass=short_question is None)
-            return _pipeline_answer(model, strategy, jax.device_get(out), {"total": time.perf_counter() - start})
-    boxes, importance = host_boxes(model, image, map_question, strategy, high_res=high_res, bbox=bbox, seed=seed)
+            out = _pipeline.pipeline(static, model.params, inputs, crop, method=strategy,
+                                     max_new_tokens=max_new_tokens, reuse_question_pass=short_question is None)
+            return _pipeline_answer(model, strategy, jax.device_get(out), (inputs, crop),
+                                    {"total": time.perf_counter() - start})
+    found = host_boxes(model, image, map_question, strategy, high_res=high_res, bbox=bbox, seed=seed)
     map_done = time.perf_counter()
+    texts, cost = answers_with_crops(model, image, question, found.boxes, max_new_tokens, device_pipeline)
+    timings = {"map": map_done - start, "answer": time.perf_counter() - map_done, "total": time.perf_counter() - start}
+    return Answer(*texts, tuple(_box(box) for box in found.boxes), found.importance, timings,
+                  cost=found.cost + cost)
+
+
+def answers_with_crops(model: Model, image: PIL.Image.Image, question: str, boxes, max_new_tokens: int,
+                       device_pipeline: bool = True) -> tuple[tuple[str, str], Cost]:
+    """(the answer with the boxes' crops as extra images, the answer from the original alone), and the cost of
+    the first: cropped and encoded on the device where the family's images enter at one size, else by the
+    processor."""
     if device_pipeline and model.family.fixed_resolution:
         crop = crop_inputs(model, image, question, (len(boxes),))
-        tokens = _pipeline.crop_and_answer(static, model.params, pixel_values(model, [image])[0], crop,
+        tokens = _pipeline.crop_and_answer(static_model(model), model.params, pixel_values(model, [image])[0], crop,
                                            np.asarray(boxes, np.int32), max_new_tokens=max_new_tokens)
-        texts = _decode(model, tokens.with_crops), _decode(model, tokens.original)
+        lengths = (int(crop.crop_prompts[0].length), int(crop.original_prompt.length))
+        tokens = (strip_generated(np.asarray(tokens.with_crops)), strip_generated(np.asarray(tokens.original)))
     else:
-        texts = _host_answers(model, image, question, boxes, max_new_tokens)
-    timings = {"map": map_done - start, "answer": time.perf_counter() - map_done, "total": time.perf_counter() - start}
-    return Answer(*texts, tuple(_box(box) for box in boxes), importance, timings)
+        inputs = [model.family.generation_inputs(model, images, model.family.prompt(question, len(images)), vicrop=True)
+                  for images in ([image, *(image.crop(_box(box)) for box in boxes)], [image])]
+        tokens = tuple(_generated(model, generation, max_new_tokens) for generation in inputs)
+        lengths = tuple(len(generation.ids) for generation in inputs)
+    texts = tuple(model.tokenizer.decode(t) for t in tokens)
+    return texts, Cost(1, lengths[0], len(tokens[0]))
 
 
-def _pipeline_answer(model: Model, strategy: MapMethod, out, timings: dict, index=()) -> Answer:
-    """An Answer from (one record `index` of) a pipeline program's output, on the host."""
+@dataclasses.dataclass(frozen=True)
+class ModelPasses:
+    """The model passes of the zoom strategies (`zoom.ModelPasses`), each batch one device call."""
+
+    model: Model
+
+    @property
+    def base_size(self) -> int:
+        return base_size(self.model)
+
+    def relevance(self, image, question, target, strategy: Focus):
+        model = self.model.with_attention(strategy.attention)
+        family = model.family
+        pixels, prompts = family.plain_inputs(model, [image], [question])
+        prompt = jax.tree_util.tree_map(lambda leaf: leaf[0], prompts)
+        rows = target_rows(list(np.asarray(prompt.ids[: prompt.length])), target_ids(model, question, target))
+        padded = np.full(MAX_TARGET_TOKENS, rows[-1], np.int32)
+        padded[: len(rows)] = rows
+        maps = focus_relevance(static_model(model), model.params, pixels[0], prompt, padded, strategy=strategy)
+        maps = family.host_map(model, image, np.asarray(maps))[: len(rows)]
+        return combined_relevance(maps), Cost(1, int(prompt.length))
+
+    def yes_probabilities(self, views, questions):
+        model = self.model
+        pixels, prompts = model.family.plain_inputs(model, views, questions)
+        yes_no = np.array([answer_token(model, YES_WORD), answer_token(model, NO_WORD)], np.int32)
+        yes = yes_probabilities(static_model(model), model.params, pixels, prompts, yes_no)
+        return np.asarray(yes), Cost(len(views), int(np.sum(prompts.length)))
+
+
+def answer_token(model: Model, word: str) -> int:
+    """The first token of an answer that is `word`; a tokenizer that cannot spell it is refused."""
+    ids = model.tokenizer.backend.encode(word, add_special_tokens=False).ids
+    spelled = model.tokenizer.decode(ids[:1]) if ids else ""
+    if not spelled or not word.startswith(spelled):  # an unknown word decodes to nothing
+        raise ValueError(f"this model's tokenizer has no token for the answer {word!r}: the zoom strategies read "
+                         "the model's yes/no confidences from it")
+    return ids[0]
+
+
+def target_ids(model: Model, question: str, target: str) -> list[int]:
+    """The tokens of `target` as the tokenizer writes them inside the family's prompt of `question` (the target's
+    last occurrence in the question)."""
+    prompt = model.family.prompt(question)
+    start = prompt.index(question) + question.rindex(target)
+    end = start + len(target)
+    encoding = model.tokenizer.backend.encode(prompt, add_special_tokens=False)
+    spans = zip(encoding.ids, encoding.offsets)
+    return [token for token, (low, high) in spans if low < min(high, end) and high > start]
+
+
+def zoom_target(target: str | None, question: str) -> str:
+    """The object a zoom strategy looks for: `target`, or by `target_from_question`; an empty one is refused."""
+    target = (target if target is not None else target_from_question(question)).strip()
+    if not target:
+        raise ValueError("the target is empty: give target= the object to look for")
+    return target
+
+
+def _zoom_answer(model: Model, image: PIL.Image.Image, question: str, strategy: ZoomStrategy, target: str,
+                 max_new_tokens: int, start: float) -> Answer:
+    """A zoom strategy's search for its crop, then its answer (from the crop, or the original and the crop) and
+    the answer from the original alone."""
+    found = strategy.search(ModelPasses(model), image, question, target)
+    searched = time.perf_counter()
+    if found.boxes and strategy.answer_views is AnswerViews.BOTH:
+        texts, cost = answers_with_crops(model, image, question, found.boxes, max_new_tokens)
+    else:
+        views = [image.crop(_box(box)) for box in found.boxes] + [image]
+        answers = plain_answers(model, views, [question] * len(views), max_new_tokens)
+        texts, cost = (answers[0].text, answers[-1].text), answers[0].cost
+    timings = {"search": searched - start, "answer": time.perf_counter() - searched,
+               "total": time.perf_counter() - start}
+    return Answer(*texts, tuple(_box(box) for box in found.boxes), found.importance, timings, cost=found.cost + cost)
+
+
+def _pipeline_answer(model: Model, strategy: MapMethod, out, records: tuple[MapInputs, CropInputs], timings: dict,
+                     index=()) -> Answer:
+    """An Answer from (one record `index` of) a pipeline program's output and its inputs (`records`), on the
+    host."""
     at = lambda array: np.asarray(array)[index]  # noqa: E731
     regions = int(at(out.choice.regions))
     chosen = strategy.candidate_names[int(at(out.choice.candidate))] if strategy.candidate_names else None
-    return Answer(_decode(model, at(out.answers.with_crops)), _decode(model, at(out.answers.original)),
-                  tuple(_box(box) for box in at(out.boxes)[:regions]), at(out.importance), dict(timings),
-                  chosen=chosen)
+    tokens = [strip_generated(at(out.answers.with_crops)), strip_generated(at(out.answers.original))]
+    inputs, crop = records
+    candidates = max(1, len(strategy.candidate_names))  # each prefills its crops' prompts, one is decoded
+    crop_lengths = [int(at(prompt.length)) for prompt in crop.crop_prompts]
+    answers = Cost(candidates * len(crop_lengths), candidates * sum(crop_lengths), len(tokens[0]))
+    cost = strategy.map_cost(int(at(inputs.question.length)), int(at(inputs.general.length))) + answers
+    return Answer(*(model.tokenizer.decode(t) for t in tokens), tuple(_box(box) for box in at(out.boxes)[:regions]),
+                  at(out.importance), dict(timings), chosen=chosen, cost=cost)
 
 
 def map_frame(model: Model, image_size: tuple[int, int], strategy: MapMethod) -> Box | None:
@@ -266,8 +381,9 @@ def map_frame(model: Model, image_size: tuple[int, int], strategy: MapMethod) ->
 
 
 def host_boxes(model: Model, image: PIL.Image.Image, question: str, strategy: Strategy, *, high_res: bool = False,
-               bbox: Sequence | None = None, seed: int = 0) -> tuple[list[Box], np.ndarray | None]:
-    """(the boxes a map method or a crop baseline chooses, the map or None), on the host path."""
+               bbox: Sequence | None = None, seed: int = 0, target: str | None = None) -> Search:
+    """The boxes a map method, a crop baseline or a zoom strategy (looking for `target`) chooses, on the host
+    path, with the map (None for baselines) and the model passes it took."""
     if isinstance(strategy, MapMethod) and strategy.candidate_names:
         remedy = "use device_pipeline=True, or" if model.family.fixed_resolution else (
             f"{model.family.name} crops on the host, where there is no such choice: use")
@@ -275,39 +391,43 @@ def host_boxes(model: Model, image: PIL.Image.Image, question: str, strategy: St
                          f"single box on the host path ({remedy} one of its map methods "
                          f"{', '.join(strategy.candidate_names)})")
     if isinstance(strategy, MapMethod):
-        importance = importance_map(model, image, question, strategy, high_res=high_res)
+        _check_question(model, question, 0, answered=False)
+        importance, cost = _map(model, image, question, strategy, high_res)
         frame = map_frame(model, image.size, strategy)
         boxes = select_boxes(importance, image.size, base_size(model), max(strategy.crop_counts), frame)
         if len(strategy.crop_counts) > 1:
             wanted = outside_mass(importance, boxes[0], image.size, frame) > strategy.second_region_mass
             boxes = boxes[: strategy.crop_counts[int(wanted)]]
-        return list(boxes), importance
+        return Search(tuple(boxes), importance, cost)
     if isinstance(strategy, FixedCrop):
-        return strategy.boxes(image.size, base_size(model), bbox, seed), None
-    raise ValueError(f"method {strategy.name!r} is neither a map method nor a crop baseline")
+        return Search(tuple(strategy.boxes(image.size, base_size(model), bbox, seed)), None, Cost())
+    if isinstance(strategy, ZoomStrategy):
+        return strategy.search(ModelPasses(model), image, question, zoom_target(target, question))
+    raise ValueError(f"method {strategy.name!r} is neither a map method, a crop baseline nor a zoom strategy")
+
+
+class PlainAnswer(NamedTuple):
+    text: str
+    confidence: float  # the probability of its first token
+    cost: Cost
 
 
 def plain_answers(model: Model, images: list[PIL.Image.Image], questions: list[str],
-                  max_new_tokens: int) -> list[tuple[str, float]]:
-    """(answer, probability of its first token) of each question over its image alone, in one batched program."""
+                  max_new_tokens: int) -> list[PlainAnswer]:
+    """Each question's answer over its image alone, in one batched program."""
     pixels, prompts = model.family.plain_inputs(model, images, questions)
     tokens, confidence = jax.device_get(_pipeline.plain_batch(static_model(model), model.params, pixels, prompts,
                                                               max_new_tokens=max_new_tokens))
-    return [(_decode(model, t), float(c)) for t, c in zip(tokens, confidence)]
+    generated = [strip_generated(t) for t in tokens]
+    return [PlainAnswer(model.tokenizer.decode(ids), float(c), Cost(1, int(length), len(ids)))
+            for ids, c, length in zip(generated, confidence, np.asarray(prompts.length))]
 
 
-def _host_answers(model: Model, image: PIL.Image.Image, question: str, boxes,
-                  max_new_tokens: int) -> tuple[str, str]:
-    """The published path: PIL crops, the image processor on the original and the crops, two generations."""
-    crops = [image.crop(_box(box)) for box in boxes]
-    return tuple(_generate(model, images, question, max_new_tokens) for images in ([image, *crops], [image]))
-
-
-def _generate(model: Model, images: list[PIL.Image.Image], question: str, max_new_tokens: int) -> str:
-    inputs = model.family.generation_inputs(model, images, model.family.prompt(question, len(images)), vicrop=True)
+def _generated(model: Model, inputs, max_new_tokens: int) -> list[int]:
+    """The published path's generation: the image processor's inputs of one prompt -> its answer's ids."""
     pixels, *image_text = inputs.encode_args
-    return model.tokenizer.decode(generate_ids(model, pixels, inputs.ids, max_new_tokens, tuple(image_text),
-                                               inputs.positions, inputs.position_offset, inputs.bucket))
+    return generate_ids(model, pixels, inputs.ids, max_new_tokens, tuple(image_text), inputs.positions,
+                        inputs.position_offset, inputs.bucket)
 
 
 def batch_inputs(model: Model, images: list[PIL.Image.Image], questions: list[str], map_questions: list[str],
@@ -336,22 +456,30 @@ def batch_inputs(model: Model, images: list[PIL.Image.Image], questions: list[st
 def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[str],
                  method: str | Strategy = "rel_att", *, short_questions: Sequence[str | None] | None = None,
                  batch_size: int = 8, max_new_tokens: int = 20, bboxes: Sequence | None = None,
-                 high_res: bool = False, seed: int = 0, **options) -> list[Answer]:
+                 high_res: bool = False, seed: int = 0, targets: Sequence[str | None] | None = None,
+                 **options) -> list[Answer]:
     """`answer` for many (image, question) pairs: map methods run as one vmapped program per batch.
 
     Images are padded to one size bucket and prompts to one length bucket, so a run compiles once per bucket and
     batch size (a short last batch is not padded, a very large image runs alone). With a gate, the plain answers
     of a batch run first and only the records below the gate go on, as a smaller batch padded to a power of two
     (so at most log2(batch_size) + 1 batch sizes compile). Baselines and
-    high-resolution tiling run record by record. A record that cannot run (an unreadable image, an empty or too
+    high-resolution tiling run record by record, and so do the zoom strategies (`targets`: each record's object,
+    None to take it from the question; their yes/no passes are batched within a record). A record that cannot run
+    (an unreadable image, an empty or too
     long question) does not stop the others: they are answered, then `BatchError` lists the failures and holds
     every answer.
     """
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions: pass one image per question")
+    for name, given in (("short_questions", short_questions), ("bboxes", bboxes), ("targets", targets)):
+        if given is not None and len(given) != len(questions):
+            raise ValueError(f"{len(given)} {name} for {len(questions)} questions: pass one per question (None "
+                             "where a record has none)")
     strategy = resolve_method(model, method, **options)
     short_questions = list(short_questions) if short_questions is not None else [None] * len(questions)
     boxes = list(bboxes) if bboxes is not None else [None] * len(questions)
+    targets = list(targets) if targets is not None else [None] * len(questions)
     answers: list[Answer | None] = [None] * len(questions)
     failures: list[tuple[int, str]] = []
     ready = []
@@ -368,7 +496,8 @@ def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[
         for i, image, question, short in ready:
             try:
                 answers[i] = answer(model, image, question, strategy, short_question=short, high_res=high_res,
-                                    bbox=boxes[i], seed=seed + i, max_new_tokens=max_new_tokens)
+                                    bbox=boxes[i], seed=seed + i, max_new_tokens=max_new_tokens,
+                                    target=targets[i])
             except ValueError as error:  # e.g. method gt without a box
                 failures.append((i, str(error)))
     else:
@@ -418,13 +547,13 @@ def run_padded_batch(model: Model, images: list[PIL.Image.Image], questions: lis
     start = time.perf_counter()
     plain = plain_answers(model, images, questions, max_new_tokens)
     plain_share = (time.perf_counter() - start) / len(questions)
-    crop = [i for i, (_, confidence) in enumerate(plain) if confidence < method.gate]
-    answers = [Answer(text, text, (), None, {"total": plain_share}, confidence) for text, confidence in plain]
+    crop = [i for i, p in enumerate(plain) if p.confidence < method.gate]
+    answers = [Answer(p.text, p.text, (), None, {"total": plain_share}, p.confidence, cost=p.cost) for p in plain]
     cropped = _run_groups(model, [images[i] for i in crop], [questions[i] for i in crop],
                           [map_questions[i] for i in crop], method.program_method, max_new_tokens, mesh,
                           pad_to=power_of_two) if crop else []
     for i, result in zip(crop, cropped):
-        answers[i] = dataclasses.replace(result, confidence=plain[i][1],
+        answers[i] = dataclasses.replace(result, confidence=plain[i].confidence, cost=plain[i].cost + result.cost,
                                          timings={**result.timings, "total": plain_share + result.timings["total"]})
     return answers
 
@@ -448,12 +577,12 @@ def _run_group(model: Model, images: list[PIL.Image.Image], questions: list[str]
     fill = padded_batch_size(pad_to(count), 1 if mesh is None else mesh.size) - count
     records = batch_inputs(model, images + images[-1:] * fill, questions + questions[-1:] * fill,
                            map_questions + map_questions[-1:] * fill, method)
-    if mesh is not None:
-        records = jax.device_put(records, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    placed = records if mesh is None else jax.device_put(
+        records, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
     out = jax.device_get(_pipeline.pipeline_batch(
-        static_model(model), model.params, *records, method=method, max_new_tokens=max_new_tokens,
+        static_model(model), model.params, *placed, method=method, max_new_tokens=max_new_tokens,
         reuse_question_pass=map_questions == questions,
     ))
     elapsed = time.perf_counter() - start
     timings = {"total": elapsed / count, "batch": elapsed, "batch_records": count}  # this record's share, the batch
-    return [_pipeline_answer(model, method, out, timings, i) for i in range(count)]
+    return [_pipeline_answer(model, method, out, records, timings, i) for i in range(count)]

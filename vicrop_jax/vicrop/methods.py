@@ -14,6 +14,8 @@ import abc
 import dataclasses
 import enum
 import functools
+import types
+import typing
 from typing import Any, ClassVar
 
 import jax
@@ -30,13 +32,8 @@ from vicrop_jax.vicrop.maps import (
     PrefixMap, QuestionPass, StaticModel, attention_and_gradient, attention_times_gradient, captured_attention,
     high_pass_mask, prefill_prefix, prompt_run, run_plain, score, split_prompt, suffix_run,
 )
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Strategy:
-    """How a question is answered: its `name` is what the API, the CLI and result files call it."""
-
-    name: ClassVar[str]
+from vicrop_jax.vicrop.strategy import Cost, Strategy, default_map_layer
+from vicrop_jax.vicrop.zoom import Focus, ZoomSearch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -132,6 +129,8 @@ class MapMethod(Strategy, abc.ABC):
     geometry: Geometry | str = Geometry.PAPER
     low_memory: ClassVar[bool] = False  # compile with the memory-optimised CPU scheduler (whole-model gradients)
     candidate_names: ClassVar[tuple[str, ...]] = ()  # maps a method makes besides its own (method="auto")
+    map_prompts: ClassVar[int] = 2  # the prompts whose forward the map needs: the question's, then the general one's
+    backward_passes: ClassVar[int] = 0
 
     @property
     def crop_counts(self) -> tuple[int, ...]:
@@ -158,6 +157,12 @@ class MapMethod(Strategy, abc.ABC):
             raise ValueError(f"heads {list(heads)} invalid: LM heads are 0..{config.text.num_heads - 1}")
         model.family.check_map_options(config, method)
         return method
+
+    def map_cost(self, question_length: int, general_length: int) -> Cost:
+        """The map's model passes as the published procedure runs them, each prompt whole (a shared prefix or a
+        reused question pass makes the program cheaper than counted)."""
+        lengths = (question_length, general_length)[: self.map_prompts]
+        return Cost(len(lengths), sum(lengths), 0, self.backward_passes)
 
     def high_pass(self, image: PIL.Image.Image, resolution: int) -> np.ndarray | None:
         """A host-side input the map needs besides the prompts (pure-grad's mask), or None."""
@@ -247,6 +252,8 @@ class GradAtt(MapMethod):
     """grad-att: head means of A * relu(dS/dA) of the question alone (no ratio)."""
 
     name: ClassVar[str] = "grad_att"
+    map_prompts: ClassVar[int] = 1
+    backward_passes: ClassVar[int] = 1
     clip_negative: bool = True  # the relu on the gradients
 
     def whole_prompt_map(self, static, params, pixels, question, general, high_pass):
@@ -270,6 +277,7 @@ class PureGrad(MapMethod):
 
     name: ClassVar[str] = "pure_grad"
     low_memory: ClassVar[bool] = True
+    backward_passes: ClassVar[int] = 2
 
     def high_pass(self, image, resolution):
         return high_pass_mask(image, resolution).astype(np.float32)
@@ -324,6 +332,7 @@ class ByConfidence(MapMethod):
 
     name: ClassVar[str] = "auto"
     candidate_names: ClassVar[tuple[str, ...]] = ("rel_att", "grad_att")
+    backward_passes: ClassVar[int] = 1
     clip_negative: bool = True
 
     def _maps(self, static, reads, prompts, rows) -> jax.Array:
@@ -357,7 +366,7 @@ class ByConfidence(MapMethod):
 
 
 STRATEGIES: tuple[type[Strategy], ...] = (
-    RelAtt, GradAtt, PureGrad, ByConfidence, NoCrop, GroundTruth, RandomCrop, CenterCrop,
+    RelAtt, GradAtt, PureGrad, ByConfidence, NoCrop, GroundTruth, RandomCrop, CenterCrop, Focus, ZoomSearch,
 )
 STRATEGY_NAMES = tuple(strategy.name for strategy in STRATEGIES)
 MAP_METHOD_NAMES = tuple(s.name for s in STRATEGIES if issubclass(s, MapMethod))
@@ -365,6 +374,46 @@ MAP_METHOD_NAMES = tuple(s.name for s in STRATEGIES if issubclass(s, MapMethod))
 
 def option_names(strategy: type[Strategy]) -> tuple[str, ...]:
     return tuple(field.name for field in dataclasses.fields(strategy))
+
+
+UNSET = "none"  # the text of an optional option left at None (`heads=none`)
+
+
+def option_value(name: str, value: Any, kind: Any, source: str = "option") -> Any:
+    """An option given as text (or as the int/float/bool a harness made of it) as the option's type: int, float,
+    bool, str, an enum's value, a tuple (`heads=[0,5]`), or None for an optional one (UNSET); of a union
+    (`regions`: int or "auto"), the first type that reads it. `source` names where it was given, for the error."""
+    text = str(value).strip()
+    kinds = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if type(None) in kinds and text.lower() == UNSET:
+        return None
+    for base in (k for k in kinds if k is not type(None)):
+        if base is bool:
+            if text.lower() in ("true", "false"):
+                return text.lower() == "true"
+            continue
+        if base is str:
+            return text
+        try:
+            if base in (int, float) or (isinstance(base, type) and issubclass(base, enum.Enum)):
+                return base(text)
+            if typing.get_origin(base) is tuple:
+                element = typing.get_args(base)[0]
+                return tuple(element(part) for part in text.strip("[]()").replace(",", " ").split())
+        except ValueError:
+            continue
+    raise ValueError(f"{source} {name}={value!r} is not a valid {kind} value (tuples take a list: heads=[0,5])")
+
+
+def typed_options(strategy: type[Strategy], options: dict[str, Any], source: str = "option") -> dict[str, Any]:
+    """Options given as text (`vicrop-jax eval --option`, lmms-eval's model_args) as the strategy's types; a name
+    the strategy does not take is refused with the ones it takes."""
+    unknown = sorted(set(options) - set(option_names(strategy)))
+    if unknown:
+        valid = ", ".join(option_names(strategy)) or "none"
+        raise ValueError(f"method {strategy.name!r} takes no option {', '.join(unknown)} (its options: {valid})")
+    hints = typing.get_type_hints(strategy)
+    return {name: option_value(name, value, hints[name], source) for name, value in options.items()}
 
 
 def strategy_class(name: str) -> type[Strategy]:
@@ -393,13 +442,4 @@ def resolve_method(model, method: str | Strategy, **options) -> Strategy:
         strategy = dataclasses.replace(method, **options) if options else method
     else:
         raise ValueError(f"method must be a name ({', '.join(STRATEGY_NAMES)}) or a Strategy value, got {method!r}")
-    return strategy.resolved(model) if isinstance(strategy, MapMethod) else strategy
-
-
-def default_map_layer(model) -> int:
-    """The checkpoint's own map layer where its config names one (`vicrop_attention_layer`, chosen by where its
-    attention falls, as the paper chose its layers), else the family's for the model's depth
-    (`Family.default_layer`)."""
-    if model.config.map_layer is not None:
-        return model.config.map_layer
-    return model.family.default_layer(model.config.text.num_layers)
+    return strategy.resolved(model)
