@@ -130,7 +130,7 @@ def test_embedded_model_matches_transformers(model):
 
 @pytest.mark.slow
 def test_embedded_model_reads_large_shapes_and_vicrop_recovers_small_ones(model):
-    records = [make_record(HELD_OUT_SEED, i) for i in range(48)]
+    records = [make_record(HELD_OUT_SEED, i) for i in range(96)]  # about 30 small boxes: a gain, not noise
     answers = vicrop_jax.answer_batch(model, [r.image for r in records], [r.question for r in records], "rel_att")
     large = [a.original_answer == r.answer for a, r in zip(answers, records) if r.relative_size > 0.15]
     small = [(a.original_answer == r.answer, a.answer == r.answer)
@@ -202,10 +202,11 @@ def test_the_evaluation_tables_cover_every_question_type_and_option(tmp_path):
                    "gate_gains": [0.9], "second_region_mass": {m: 0.5 for m in evaluate.MAP_METHODS}}
     names = [name for name, _, _ in evaluate.configs(calibration)]
     for wanted in ("none", "gt", "random", "center", "rel_att regions=2", "grad_att regions=auto", "rel_att gate=0.5",
-                   "auto", "pure_grad geometry=exact"):
+                   "auto", "pure_grad geometry=exact", "focus", "zoom_search", "focus answer_views=both"):
         assert wanted in names
     chosen = [("none", "none", {}), ("gt", "gt", {}), ("rel_att", "rel_att", {}),
-              ("rel_att gate=0.5", "rel_att", {"gate": 0.5})]
+              ("rel_att gate=0.5", "rel_att", {"gate": 0.5}),
+              ("zoom_search answer_views=both", "zoom_search", {"options": ("answer_views=both",)})]
     results = {name: evaluate.run(tmp_path, data, "vicrop-tiny", name, method, options, 8)
                for name, method, options in chosen}
     results["rel_att geometry=exact"] = results["rel_att"]  # a row for the geometry table, not run again
@@ -219,8 +220,11 @@ def test_the_evaluation_tables_cover_every_question_type_and_option(tmp_path):
     assert v2["questions"] == {"single": 4, "single, non-square": 1, "two_region": 1, "distractor": 1, "counting": 1}
     assert v2["accuracy"]["gt"]["cropped"] == 100.0 and v2["accuracy"]["none"]["cropped"] == 0.0
     assert v2["accuracy"]["gt"]["centres_held"]["two_region"] == 100.0  # gt crops each of the two boxes
+    assert v2["accuracy"]["rel_att"]["passes"] == 3 and v2["accuracy"]["none"]["passes"] == 1
+    assert v2["accuracy"]["zoom_search answer_views=both"]["passes"] >= 2  # the root's question, then an answer
     table = evaluate.v2_markdown(v2)
     assert "| rel_att gate=0.5 |" in table and "| rel_att | " in table and "paper | exact" in table
+    assert "| zoom_search answer_views=both |" in table and "passes / question" in table
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +323,48 @@ def test_the_embedded_qwen_model_loads_by_name_and_vicrop_recovers_small_details
     assert len(large) >= 5 and np.mean(large) >= 0.8
     without, with_crop = np.mean(small, axis=0)
     assert len(small) >= 5 and with_crop > without
+
+
+def test_the_zoom_strategies_yes_no_answers_follow_the_views_geometry():
+    """Recipe 3's auxiliary questions: existence is Yes when the view holds the box, No when it misses it (a
+    partial overlap is redrawn); latent Yes when the view meets it; answering Yes when it holds it large enough."""
+    from benchmarks.synthetic.train import aux_answers
+
+    box = (100, 100, 120, 120)
+    views = np.array([[0, 0, 200, 200], [90, 90, 130, 130], [110, 110, 300, 300], [300, 300, 400, 400]])
+    assert aux_answers("existence", views, box).tolist() == [1, 1, -1, 0]
+    assert aux_answers("latent", views, box).tolist() == [1, 1, 1, 0]
+    assert aux_answers("answering", views, box).tolist() == [0, 1, 0, 0]  # 20 px: under a quarter of 200 px
+
+
+def test_continuing_a_checkpoint_keeps_every_known_token_and_its_weights(tmp_path):
+    """Recipe 3 grows a recipe-1 model's vocabulary by the yes/no questions' words: no known token changes its id,
+    and its embedding and output rows are the trained ones; every other parameter is the trained one."""
+    from flax.traverse_util import flatten_dict
+
+    from benchmarks.synthetic.train import AUX_WORDS, RECIPES, Checkpoint, LlavaTrainer
+
+    words = LlavaTrainer.words(RECIPES[1])
+    hf_config = LlavaTrainer.hf_config(words)
+    assert hf_config["text_config"]["vocab_size"] == 64  # recipe 1 still writes the recipe-1 model's vocabulary
+    trained = LlavaTrainer.write_checkpoint(tmp_path / "recipe1", hf_config, LlavaTrainer.init_params(hf_config, 1),
+                                            words)
+    start = Checkpoint.read(LlavaTrainer, trained)
+    grown = start.extended_words(LlavaTrainer.words(RECIPES[3]))
+    assert grown[: len(start.words)] == start.words and set(AUX_WORDS) <= set(grown) - set(start.words)
+    hf_config = LlavaTrainer.hf_config(grown)
+    fresh = LlavaTrainer.init_params(hf_config, 0)
+    trainer = LlavaTrainer.from_folder(LlavaTrainer.write_checkpoint(tmp_path / "recipe3", hf_config, fresh, grown))
+    vocab = trainer.tokenizer.backend.get_vocab()
+    assert all(vocab[w] == start.vocab[w] for w in start.words)
+    params = {path: np.asarray(value) for path, value in flatten_dict(start.params_like(fresh, vocab)).items()}
+    fresh = {path: np.asarray(value) for path, value in flatten_dict(fresh).items()}
+    known = np.array([start.vocab[w] for w in start.words])
+    new = np.array([vocab[w] for w in AUX_WORDS])
+    token_axes = {("language_model", "embed_tokens", "embedding"): 0, ("language_model", "lm_head", "kernel"): 1}
+    for path, axis in token_axes.items():
+        np.testing.assert_array_equal(np.take(params[path], known, axis), np.take(start.params[path], known, axis))
+        np.testing.assert_array_equal(np.take(params[path], new, axis), np.take(fresh[path], new, axis))
+    other = ("multi_modal_projector", "linear_1", "kernel")
+    np.testing.assert_array_equal(params[other], start.params[other])
+    assert not np.array_equal(params[other], fresh[other])

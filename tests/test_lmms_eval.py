@@ -29,7 +29,7 @@ from vicrop_jax.vicrop._api import base_size
 
 TASK_FOLDER = Path(__file__).parent / "lmms_task"
 TASK = "vicrop_synthetic"
-RECORDS = 4  # seed 1's first four: the crop changes one answer, so the crop and no-crop scores differ
+RECORDS = 5  # seed 1's first five: the crop changes one answer (the fifth), so the crop and no-crop scores differ
 QUESTION = make_record(1, 0).question
 GREEDY = {"until": ["\n\n"], "max_new_tokens": 20, "temperature": 0, "do_sample": False}
 
@@ -111,7 +111,7 @@ def lmm():
 
 def requests_for(lmm, kind: str, arguments: list[tuple]) -> list[Instance]:
     """Instances as lmms-eval builds them, over docs of seed 1 held in the model's task_dict."""
-    docs = [{"image": make_record(1, i).image} for i in range(4)]
+    docs = [{"image": make_record(1, i).image} for i in range(RECORDS)]
     lmm.task_dict = {TASK: {"test": docs}}
     return [Instance(kind, args, 0, {"task": TASK, "doc_id": args[-3], "repeats": 1}) for args in arguments]
 
@@ -126,7 +126,7 @@ def test_generate_until_answers_with_the_crop_as_answer_batch_does(lmm):
     short = {**GREEDY, "max_new_tokens": 1}
     requests = requests_for(lmm, "generate_until", [
         (QUESTION, short if i == 1 else GREEDY, doc_image, i, TASK, "test") for i in range(3)])
-    assert lmm.method == vicrop_jax.RelAtt(layer=2)  # vicrop-tiny's own map layer, filled in once
+    assert lmm.method == vicrop_jax.RelAtt(layer=1)  # vicrop-tiny's own map layer, filled in once
     images = [make_record(1, i).image for i in range(3)]
     first, third = vicrop_jax.answer_batch(lmm.model, [images[0], images[2]], [QUESTION] * 2, "rel_att", batch_size=2)
     [second] = vicrop_jax.answer_batch(lmm.model, images[1:2], [QUESTION], "rel_att", max_new_tokens=1)
@@ -148,12 +148,12 @@ def direct_logprob(model, images, question: str, continuation: str) -> tuple[flo
 
 @pytest.mark.slow
 def test_loglikelihood_scores_the_continuation_with_the_methods_crop(lmm):
-    record = make_record(1, 3)  # its crop answer differs from its plain answer
+    record = make_record(1, 4)  # its crop answer differs from its plain answer
     crop = vicrop_jax.answer(lmm.model, record.image, record.question, "rel_att", device_pipeline=False)
     assert crop.answer != crop.original_answer
     requests = requests_for(lmm, "loglikelihood", [
-        (record.question, f" {crop.answer}", doc_image, 3, TASK, "test"),
-        (record.question, lambda doc: f" {crop.original_answer}", doc_image, 3, TASK, "test"),
+        (record.question, f" {crop.answer}", doc_image, 4, TASK, "test"),
+        (record.question, lambda doc: f" {crop.original_answer}", doc_image, 4, TASK, "test"),
     ])
     box = vicrop_jax.select_bbox(vicrop_jax.importance_map(lmm.model, record.image, record.question, lmm.method),
                                  record.image.size, base_size(lmm.model))

@@ -4,6 +4,7 @@ with `--family qwen2_5_vl`, vicrop-tiny-qwen: the same data in Qwen2.5-VL's arch
     python -m benchmarks.synthetic.train --out vicrop_jax/models/vicrop-tiny                 # the shipped model
     python -m benchmarks.synthetic.train --recipe 2 --out runs/vicrop-tiny-v2               # benchmark version 2
     python -m benchmarks.synthetic.train --family qwen2_5_vl --steps 6000 --out vicrop_jax/models/vicrop-tiny-qwen
+    python -m benchmarks.synthetic.train --recipe 3 --init vicrop_jax/models/vicrop-tiny --steps 1400 --out runs/aux
 
 CLIP ViT (112 px, patch 14: 8x8 image tokens) -> GELU projector -> LLaMA decoder (4 layers, width 192), trained
 with optax AdamW on scenes of `vicrop_jax.testing.synthetic` (training seed 0; evaluation uses other seeds), by a
@@ -31,6 +32,18 @@ local as vicrop-tiny's patch embeddings are), its processor bounds at 224 x 224 
 and a Qwen2 decoder of vicrop-tiny's size (4 layers, width 192, 4 heads, 2 KV heads, mrope_section (6, 9, 9));
 the prompt is `qwen2_5_vl_prompt`, the answer word and <|im_end|>; written in Hugging Face Qwen2.5-VL format
 (`Qwen2_5_VLForConditionalGeneration` loads it).
+Recipe 3 continues training a shipped model (`--init`, its parameters, a shorter warm-up, a lower learning rate,
+the curriculum's late box sizes from the first step: the model has passed it) so that it also answers the yes/no
+questions of the competing zoom strategies (FOCUS, ZoomEye; `vicrop_jax.prompts`) about a view: the scene itself
+or a random square crop of it (side 0.25x to 1x the scene's short side; never a crop chosen by a map), the only
+image. A share of the one-image samples (`--aux-share`, 0.3, equally over the three forms) asks, of the red box:
+existence ("Is there a red box in the image?": Yes if the box lies inside the view, No if the view misses it;
+partial overlaps are redrawn), latent (could zooming in find one: Yes if the view meets the box) or answering
+(could the single-detail question be answered: Yes if the box lies inside the view at a side of at least 0.25
+of the view's, readable at 112 px). The wanted answer is drawn first, Yes or No equally, and the view redrawn
+until the scene's geometry gives it, on a random stream of its own, so the other samples are recipe 1's. The
+vocabulary grows by the templates' words (the spare slots first, then new rows, freshly initialised; no
+existing token id changes).
 """
 
 from __future__ import annotations
@@ -40,16 +53,19 @@ import argparse
 import dataclasses
 import json
 import queue
+import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 from PIL import Image
+from tokenizers import pre_tokenizers
 
 import vicrop_jax
 from benchmarks.synthetic.evaluate import by_layer, layer_analysis
@@ -58,14 +74,19 @@ from vicrop_jax.families.qwen2_5_vl import image_tokens, rope_positions
 from vicrop_jax.nn._config import MAP_LAYER_KEY
 from vicrop_jax.nn.qwen_vit import VisionPatches, vision_patches
 from vicrop_jax.testing.checkpoints import (
-    QWEN_SPECIAL_TOKENS, init_llava_params, init_qwen_params, llava_hf_config, qwen_hf_config,
+    QWEN_SPECIAL_TOKENS, SPECIAL_TOKENS, init_llava_params, init_qwen_params, llava_hf_config, qwen_hf_config,
     write_llava_checkpoint, write_qwen_checkpoint,
 )
 from vicrop_jax._tokenizer import Tokenizer
 from vicrop_jax.preprocessing import preprocess
-from vicrop_jax.prompts import GENERAL_QUESTION, llava_prompt, qwen2_5_vl_prompt
+from vicrop_jax.prompts import (
+    ANSWERING_QUESTION, EXISTENCE_QUESTION, GENERAL_QUESTION, LATENT_QUESTION, NO_WORD, YES_WORD, llava_prompt,
+    qwen2_5_vl_prompt,
+)
 from vicrop_jax.qwen_preprocessing import preprocess_qwen
-from vicrop_jax.testing.synthetic import BACKGROUNDS, RELATIVE_BOX_SIDES, SHAPES, make_record, make_scene
+from vicrop_jax.testing.synthetic import (
+    BACKGROUNDS, QUESTION, RELATIVE_BOX_SIDES, SHAPES, SyntheticRecord, make_record, make_scene,
+)
 
 TRAIN_SEED = 0
 CALIBRATION_SEED = 4  # scenes that choose the map layer (evaluation uses seed 1)
@@ -82,30 +103,66 @@ TRAIN_CLUTTER = (5, 35)
 EASY_START, EASY_END = (0.3, 0.9), (0.12, 0.45)
 EASY_FRACTION_END, RAMP = 0.5, 0.4
 MULTI_BOX_LARGEST = 0.4  # easy boxes of the types with several boxes stay small enough to fit apart
+TEXT_LENGTH = 40  # prompt and answer tokens besides the image positions, at most (recipes 1 and 2)
+LEARNING_RATE, WARMUP_STEPS = 1e-3, 200
+# Continuing a trained model: its Adam moments start again at zero, after a short warm-up, at a lower peak that
+# leaves what it has learnt (the ViCrop answers) in place.
+FINE_TUNE_LEARNING_RATE, FINE_TUNE_WARMUP_STEPS = 3e-4, 50
+
+
+def split_words(*texts: str) -> list[str]:
+    """The words the tokenizers' Whitespace pre-tokenizer splits `texts` into, each once, in order."""
+    split = pre_tokenizers.Whitespace().pre_tokenize_str
+    return list(dict.fromkeys(word for text in texts for word, _ in split(text)))
+
+
+# The zoom strategies' yes/no questions about a view (recipe 3), of the single-detail question and its red box.
+AUX_TARGET = "red box"
+AUX_QUESTIONS: dict[str, Callable[[str], str]] = {
+    "existence": lambda question: EXISTENCE_QUESTION.format(target=AUX_TARGET),
+    "latent": lambda question: LATENT_QUESTION.format(target=AUX_TARGET),
+    "answering": lambda question: ANSWERING_QUESTION.format(question=question),
+}
+AUX_WORDS = [w for w in split_words(*(ask(QUESTION.format(colour="red")) for ask in AUX_QUESTIONS.values()),
+                                    YES_WORD, NO_WORD) if w not in WORDS]
+AUX_TEXT_LENGTH = 72  # the latent question with its prompt and answer: 54 LLaVA text tokens, 65 Qwen ones
+VIEW_SIDES = (0.25, 1.0)  # a random view's side, of the scene's short side
+WHOLE_VIEW_SHARE = 0.25  # candidate views that are the whole scene
+READABLE_SIDE = 0.25  # the box side, of the view's, from which its shape reads at 112 px
+VIEW_CANDIDATES = 4096  # random views drawn at once, of which the first with the wanted answer is taken
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """What a training run draws: question types and aspects (shares), extra images, the vocabulary."""
+    """What a training run draws: question types and aspects (shares), extra images, the vocabulary, the share
+    of one-image samples that ask a zoom strategy's yes/no question about a view, the batches' text positions."""
 
     type_mix: dict[str, float]
     aspect_mix: dict[str, float]
     max_extra_images: int
     words: tuple[str, ...]
+    aux_share: float = 0.0
+    text_length: int = TEXT_LENGTH
 
 
 RECIPES = {
     1: Recipe({"single": 1.0}, {"square": 1.0}, 1, tuple(WORDS)),
     2: Recipe({"single": 0.55, "two_region": 0.15, "distractor": 0.15, "counting": 0.15},
               {"square": 0.6, "landscape": 0.2, "portrait": 0.2}, 2, tuple(WORDS + VERSION_2_WORDS)),
+    3: Recipe({"single": 1.0}, {"square": 1.0}, 1, tuple(WORDS + AUX_WORDS), aux_share=0.3,
+              text_length=AUX_TEXT_LENGTH),
 }
-TEXT_LENGTH = 40  # prompt and answer tokens besides the image positions, at most
 
 
-def model_hf_config() -> dict:
+def padded_vocab_size(tokens: int) -> int:
+    """A vocabulary of `tokens` rounded up to a multiple of 32 (spare filler slots fill the rest)."""
+    return -(-tokens // 32) * 32
+
+
+def model_hf_config(vocab_size: int = 64) -> dict:
     return llava_hf_config(
-        image_size=112, width=192, vision_width=128, vocab_size=64, vision_layers=1, text_layers=4, num_heads=4,
-        num_kv_heads=4, intermediate_factor=3, vision_feature_layer=-2,
+        image_size=112, width=192, vision_width=128, vocab_size=vocab_size, vision_layers=1, text_layers=4,
+        num_heads=4, num_kv_heads=4, intermediate_factor=3, vision_feature_layer=-2,
     )
 
 
@@ -115,7 +172,7 @@ QWEN_TEMPLATE_WORDS = "system You are a helpful assistant . user".split()  # Qwe
 def qwen_model_hf_config(words: list[str]) -> dict:
     """vicrop-tiny-qwen: a vision tower of depth 0 (patch embedding and merger: each LM image token is local to
     its 28 x 28 pixels, as vicrop-tiny's are to their patch), then the Qwen2 decoder at vicrop-tiny's size."""
-    vocab_size = -(-(len(QWEN_SPECIAL_TOKENS) + len(words)) // 32) * 32
+    vocab_size = padded_vocab_size(len(QWEN_SPECIAL_TOKENS) + len(words))
     return qwen_hf_config(width=192, vocab_size=vocab_size, text_layers=4, num_heads=4, num_kv_heads=2,
                           intermediate_factor=3, mrope_section=(6, 9, 9), vision_width=128, vision_layers=0)
 
@@ -166,8 +223,10 @@ class Trainer(abc.ABC):
         """A sample's ids (its prompt, answer and end token, image placeholders expanded) and processed images."""
 
     @abc.abstractmethod
-    def batch(self, samples: list[Sample], num_images: int) -> tuple[np.ndarray, np.ndarray, tuple]:
-        """(ids [B, T], lengths [B], the model's other inputs) of samples of `num_images` images each."""
+    def batch(self, samples: list[Sample], num_images: int,
+              text_length: int = TEXT_LENGTH) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """(ids [B, T], lengths [B], the model's other inputs) of samples of `num_images` images each, T their
+        image positions and `text_length`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +234,7 @@ class LlavaTrainer(Trainer):
     """vicrop-tiny: `llava_prompt` + " " + the answer + EOS, each `<image>` expanded; inputs (pixels [B,I,H,W,C],)."""
 
     family = LLAVA
-    hf_config = staticmethod(lambda words: model_hf_config())
+    hf_config = staticmethod(lambda words: model_hf_config(padded_vocab_size(len(SPECIAL_TOKENS) + len(words))))
     init_params = staticmethod(init_llava_params)
     write_checkpoint = staticmethod(write_llava_checkpoint)
 
@@ -185,8 +244,8 @@ class LlavaTrainer(Trainer):
         ids = [t for token in ids for t in ([token] * self.config.tokens_per_image if token == image_id else [token])]
         return ids, [preprocess(im, self.image_config) for im in images]
 
-    def batch(self, samples, num_images):
-        ids = np.full((len(samples), num_images * self.config.tokens_per_image + TEXT_LENGTH),
+    def batch(self, samples, num_images, text_length=TEXT_LENGTH):
+        ids = np.full((len(samples), num_images * self.config.tokens_per_image + text_length),
                       self.config.text.pad_token_id, np.int32)
         for row, (sample_ids, _) in zip(ids, samples):
             row[: len(sample_ids)] = sample_ids
@@ -217,10 +276,10 @@ class QwenTrainer(Trainer):
                                            tokens)  # the trainer reads as the model does: tokenizer and config
         return ids + [self.tokenizer.eos_id], processed
 
-    def batch(self, samples, num_images):
+    def batch(self, samples, num_images, text_length=TEXT_LENGTH):
         patches = max(sum(len(image.patches) for image in images) for _, images in samples)
         rows = -(-patches // PATCH_STEP) * PATCH_STEP
-        length = rows // self.config.merge_unit + TEXT_LENGTH
+        length = rows // self.config.merge_unit + text_length
         ids = np.zeros((len(samples), length), np.int32)  # <|endoftext|>, Qwen's pad
         positions = np.zeros((len(samples), 3, length), np.int32)
         layouts = []
@@ -236,13 +295,68 @@ class QwenTrainer(Trainer):
 TRAINERS: dict[str, type[Trainer]] = {"llava": LlavaTrainer, "qwen2_5_vl": QwenTrainer}
 
 
+def random_views(rng: np.random.Generator, size: tuple[int, int], count: int) -> np.ndarray:
+    """`count` candidate views (x1, y1, x2, y2) [count, 4] of a scene of `size`: square crops at uniformly random
+    positions, their sides uniform in VIEW_SIDES of the short side, or (WHOLE_VIEW_SHARE of them) the scene."""
+    width, height = size
+    short = min(width, height)
+    sides = rng.integers(int(np.ceil(VIEW_SIDES[0] * short)), int(VIEW_SIDES[1] * short) + 1, count)
+    x, y = (rng.integers(0, extent - sides + 1) for extent in size)
+    views = np.stack([x, y, x + sides, y + sides], axis=1)
+    views[rng.random(count) < WHOLE_VIEW_SHARE] = (0, 0, width, height)
+    return views
+
+
+def aux_answers(form: str, views: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Each view's answer to the `form` question about `box`, by geometry: 1 Yes, 0 No, -1 redrawn (existence's
+    partial overlaps, neither answer holding)."""
+    x1, y1, x2, y2 = box
+    inside = (views[:, 0] <= x1) & (views[:, 1] <= y1) & (views[:, 2] >= x2) & (views[:, 3] >= y2)
+    meets = (views[:, 0] < x2) & (views[:, 2] > x1) & (views[:, 1] < y2) & (views[:, 3] > y1)
+    if form == "existence":
+        return np.where(inside, 1, np.where(meets, -1, 0))
+    if form == "latent":
+        return meets.astype(int)
+    readable = min(x2 - x1, y2 - y1) >= READABLE_SIDE * (views[:, 2] - views[:, 0])
+    return (inside & readable).astype(int)
+
+
+class AuxQuestion(NamedTuple):
+    form: str  # a key of AUX_QUESTIONS
+    question: str
+    answer: str  # YES_WORD or NO_WORD
+    view: Image.Image
+
+
+def aux_question(rng: np.random.Generator, record: SyntheticRecord) -> AuxQuestion:
+    """A zoom strategy's yes/no question about a view of the scene, the answer drawn
+    first (Yes or No equally) and the view redrawn until the geometry gives it. Where no candidate gives it (a box
+    too small to read in any view, or one every view meets), the scene answers the other, which the whole scene,
+    among the candidates, or another view gives."""
+    form = list(AUX_QUESTIONS)[rng.integers(len(AUX_QUESTIONS))]
+    wanted = int(rng.integers(2))
+    views = random_views(rng, record.image.size, VIEW_CANDIDATES)
+    answers = aux_answers(form, views, record.bbox)
+    if not (answers == wanted).any():
+        wanted = 1 - wanted
+    view = views[np.argmax(answers == wanted)]
+    return AuxQuestion(form, AUX_QUESTIONS[form](record.question), YES_WORD if wanted else NO_WORD,
+                       record.image.crop(tuple(int(v) for v in view)))
+
+
+AUX_STREAM = 1  # the auxiliary questions' random stream, beside the seed, apart from the other samples' draws
+
+
 class Batches:
     """Training batches drawn on a background thread: (image count, ids [B,T], lengths [B], model inputs), made
-    by the trainer."""
+    by the trainer. `curriculum_passed` (fine-tuning a model that has been through it) draws the curriculum's
+    late box sizes from the first step."""
 
-    def __init__(self, trainer: Trainer, batch_size: int, seed: int, steps: int, recipe: Recipe):
-        self.trainer, self.recipe = trainer, recipe
+    def __init__(self, trainer: Trainer, batch_size: int, seed: int, steps: int, recipe: Recipe,
+                 curriculum_passed: bool = False):
+        self.trainer, self.recipe, self.curriculum_passed = trainer, recipe, curriculum_passed
         self.batch_size, self.rng, self.index, self.steps = batch_size, np.random.default_rng(seed), 0, steps
+        self.aux_rng = np.random.default_rng([seed, AUX_STREAM])
         self.queue: queue.Queue = queue.Queue(maxsize=6)
         threading.Thread(target=self._fill, daemon=True).start()
 
@@ -265,6 +379,9 @@ class Batches:
             images.append(record.image.crop((x, y, x + side, y + side)))
         if num_images == 1 and self.rng.random() < GENERAL_FRACTION:
             question, answer = GENERAL_QUESTION, record.background
+        if num_images == 1 and self.aux_rng.random() < self.recipe.aux_share:
+            aux = aux_question(self.aux_rng, record)
+            question, answer, images = aux.question, aux.answer, [aux.view]
         return self.trainer.sample(question, answer, images)
 
     def _draw(self, shares: dict[str, float]) -> str:
@@ -275,13 +392,63 @@ class Batches:
         step = 0
         while True:
             num_images = 1 + step % (1 + self.recipe.max_extra_images)
-            progress = min(1.0, step / (RAMP * self.steps))
+            progress = 1.0 if self.curriculum_passed else min(1.0, step / (RAMP * self.steps))
             samples = [self._sample(num_images, progress) for _ in range(self.batch_size)]
-            self.queue.put((num_images, *self.trainer.batch(samples, num_images)))
+            self.queue.put((num_images, *self.trainer.batch(samples, num_images, self.recipe.text_length)))
             step += 1
 
     def next(self):
         return self.queue.get()
+
+
+FILLER = re.compile(r"w\d+")  # the word-level tokenizers' spare slots
+VOCAB_MATRICES = {("language_model", "embed_tokens", "embedding"): 0, ("language_model", "lm_head", "kernel"): 1}
+# (parameter path: its token axis), of both families
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A trained model to continue from: its parameters (flattened paths) and its tokenizer's vocabulary."""
+
+    params: dict[tuple[str, ...], np.ndarray]
+    vocab: dict[str, int]
+    words: list[str]  # the vocabulary in id order, without special tokens and spare fillers
+
+    @classmethod
+    def read(cls, trainer_class: type[Trainer], folder: Path) -> "Checkpoint":
+        """The checkpoint in `folder`, loaded by the trainer's family as the library loads it."""
+        model = vicrop_jax.load(folder, family=trainer_class.family)
+        tokenizer = model.tokenizer.backend
+        vocab = tokenizer.get_vocab()
+        specials = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+        words = [w for w in sorted(vocab, key=vocab.get) if w not in specials and not FILLER.fullmatch(w)]
+        return cls(flatten_dict(jax.device_get(model.params)), vocab, words)
+
+    def extended_words(self, words: list[str]) -> list[str]:
+        """The checkpoint's words, then those of `words` it lacks: every word it knows keeps its id."""
+        return self.words + [w for w in words if w not in self.words]
+
+    def params_like(self, fresh, vocab: dict[str, int]):
+        """The trained parameters in the shapes of `fresh` (its vocabulary `vocab`, grown from the checkpoint's):
+        each known token keeps its embedding and lm_head rows, a new word's rows (a former spare slot or a new
+        one) are the fresh ones."""
+        known = {t: i for t, i in self.vocab.items() if not FILLER.fullmatch(t)}
+        moved = [t for t, i in known.items() if vocab.get(t) != i]
+        if moved:
+            raise ValueError(f"tokens {moved} would change ids: the vocabulary must only grow")
+        rows = np.array(sorted(known.values()))
+        params = {}
+        for path, value in flatten_dict(fresh).items():
+            trained = np.asarray(self.params[path])
+            if path in VOCAB_MATRICES:
+                value, axis = np.array(value), VOCAB_MATRICES[path]
+                np.swapaxes(value, 0, axis)[rows] = np.swapaxes(trained, 0, axis)[rows]
+            elif trained.shape != value.shape:
+                raise ValueError(f"{'/'.join(path)}: {trained.shape} in the checkpoint, {value.shape} in the model")
+            else:
+                value = trained
+            params[path] = value
+        return unflatten_dict(params)
 
 
 def make_train_step(module, optimizer: optax.GradientTransformation):
@@ -323,32 +490,48 @@ def main() -> None:
     parser.add_argument("--family", choices=sorted(TRAINERS), default="llava",
                         help="llava: vicrop-tiny's architecture; qwen2_5_vl: vicrop-tiny-qwen's")
     parser.add_argument("--recipe", type=int, choices=sorted(RECIPES), default=1,
-                        help="1: the shipped model's data; 2: every question type and aspect of benchmark version 2")
+                        help="1: the shipped model's data; 2: every question type and aspect of benchmark version 2; "
+                             "3: recipe 1 and the zoom strategies' yes/no questions about views (with --init)")
+    parser.add_argument("--init", help="continue training this checkpoint (its family's) instead of a fresh model")
+    parser.add_argument("--aux-share", type=float,
+                        help="share of one-image samples asking a yes/no question about a view (default: the "
+                             "recipe's, 0.3 in recipe 3)")
     parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float,
+                        help=f"peak (default {LEARNING_RATE}, with --init {FINE_TUNE_LEARNING_RATE})")
     parser.add_argument("--seed", type=int, default=0, help="parameter init and crop positions")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--calibration-scenes", type=int, default=256, help="scenes that choose the map layer")
     parser.add_argument("--save-every", type=int, default=1000, help="also write the checkpoint every N steps")
     args = parser.parse_args()
+    if args.aux_share and not set(AUX_WORDS) <= set(RECIPES[args.recipe].words):
+        parser.error(f"--aux-share needs the yes/no questions' words: recipe {args.recipe} lacks them (use 3)")
     train(TRAINERS[args.family], args)
 
 
 def train(trainer_class: type[Trainer], args: argparse.Namespace) -> None:
     start = time.perf_counter()
     recipe = RECIPES[args.recipe]
-    words = trainer_class.words(recipe)
+    if args.aux_share is not None:
+        recipe = dataclasses.replace(recipe, aux_share=args.aux_share)
+    init = Checkpoint.read(trainer_class, Path(args.init)) if args.init else None  # before --out may overwrite it
+    words = trainer_class.words(recipe) if init is None else init.extended_words(trainer_class.words(recipe))
     hf_config = trainer_class.hf_config(words)
     params = trainer_class.init_params(hf_config, args.seed)
     out = trainer_class.write_checkpoint(Path(args.out), hf_config, params, words)
     trainer = trainer_class.from_folder(out)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.learning_rate, min(200, args.steps // 4), args.steps,
-                                                  args.learning_rate * 0.02)
+    if init is not None:
+        params = init.params_like(params, trainer.tokenizer.backend.get_vocab())
+        print(f"continuing {args.init}: {len(words) - len(init.words)} new words, vocabulary "
+              f"{hf_config['text_config']['vocab_size']}", flush=True)
+    peak = args.learning_rate or (LEARNING_RATE if init is None else FINE_TUNE_LEARNING_RATE)
+    warmup = min(WARMUP_STEPS if init is None else FINE_TUNE_WARMUP_STEPS, args.steps // 4)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, args.steps, peak * 0.02)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     opt_state = optimizer.init(params)
     step_fn = make_train_step(trainer.module, optimizer)
-    batches = Batches(trainer, args.batch_size, args.seed, args.steps, recipe)
+    batches = Batches(trainer, args.batch_size, args.seed, args.steps, recipe, curriculum_passed=init is not None)
     history: dict[int, list] = {n: [] for n in range(1, 2 + recipe.max_extra_images)}
     for step in range(1, args.steps + 1):
         num_images, ids, lengths, inputs = batches.next()
