@@ -5,6 +5,8 @@
     python -m benchmarks.bench_vicrop --quick   # medium, rel_att: fails past the floors (before a change lands)
     python -m benchmarks.bench_vicrop --configs qwen-medium --questions 3 --passes 3 --runs 1 --parts timing
                                       # about 8 minutes alone on 2 cores; --parts memory: 1.5 more
+    python -m benchmarks.bench_vicrop --configs medium --parts strategies --questions 4 --passes 3
+                                      # ViCrop beside the competing zoom strategies, ours only
 
 - `vicrop-tiny`: the embedded model, on held-out synthetic scenes and their questions;
 - `medium`: the LLaVA-1.5 shape family (CLIP ViT at 336 px, 576 image tokens, LLaMA decoder, 32k vocabulary)
@@ -24,6 +26,9 @@ the reference's alternating, so both meet the same drift of a shared machine); a
 every pass of every run, with the range beside it, and a speed-up is the median of the per-pass ratios.
 Peak memory of a map is measured in a fresh subprocess: after a warm-up, freed memory is returned to the
 system (malloc_trim) and VmHWM reset, then one map is computed; the figure is the peak RSS growth.
+`--parts strategies` times whole answers of ViCrop's methods and the competing zoom strategies (FOCUS, ZoomEye's
+search; no published PyTorch procedure to compare with here) in one process, passes alternating, with the model
+passes each answer took (`Answer.cost`) and the peak memory of one answer, measured as a map's.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = ("rel_att", "grad_att", "pure_grad")
+STRATEGIES = ("none", "rel_att", "grad_att", "pure_grad", "focus", "zoom_search")
 CONFIGS = ["vicrop-tiny", "medium"]  # the default run
 QWEN_CONFIGS = ["qwen-tiny", "qwen-medium"]
 BENCH_SEED = 3  # synthetic scenes no other run uses (training 0, evaluation 1, demo 2)
@@ -223,9 +229,16 @@ def _high_water_kib() -> tuple[int, int]:
 
 
 def memory_probe(framework: str, name: str, folder: str, method: str) -> None:
-    """Runs in a subprocess: peak RSS growth (MiB) of one map computation after a warm-up."""
+    """Runs in a subprocess: peak RSS growth (MiB) of one map computation (framework "answer": one whole answer of
+    ours) after a warm-up."""
     (image,), (question,) = workload(name, 1)
-    if framework == "ours":
+    if framework == "answer":
+        import vicrop_jax
+
+        model = vicrop_jax.load(folder)
+        options = {"layer": map_layer(Path(folder))} if method in METHODS else {}
+        run = lambda: vicrop_jax.answer(model, image, question, method, **options)  # noqa: E731
+    elif framework == "ours":
         import vicrop_jax
 
         model = vicrop_jax.load(folder)
@@ -265,6 +278,47 @@ def peak_memory(name: str, folder: Path, method: str) -> dict:
                                  str(folder), method], capture_output=True, text=True, check=True, cwd=ROOT)
         out[framework] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
     return out
+
+
+def strategy_comparison(name: str, folder: Path, count: int, passes: int) -> dict:
+    """Ours only, one process: {strategy: {"seconds": [per pass], "passes": mean model passes per question
+    (prefills and backward passes), "prefill_tokens": mean per question, "peak_mib": one answer's}}; a warm-up
+    pass, then the strategies' passes alternate."""
+    import vicrop_jax
+
+    images, questions = workload(name, count)
+    model = vicrop_jax.load(folder)
+    layer = map_layer(folder)
+    run = lambda method: [vicrop_jax.answer(model, image, question, method,  # noqa: E731
+                                            **({"layer": layer} if method in METHODS else {}))
+                          for image, question in zip(images, questions)]
+    out = {}
+    for method in STRATEGIES:
+        answers = run(method)
+        out[method] = {"seconds": [], "passes": float(np.mean([a.cost.passes + a.cost.backward_passes
+                                                               for a in answers])),
+                       "prefill_tokens": float(np.mean([a.cost.prefill_tokens for a in answers]))}
+    for _ in range(passes):
+        for method in STRATEGIES:
+            start = time.perf_counter()
+            run(method)
+            out[method]["seconds"].append((time.perf_counter() - start) / count)
+    for method in STRATEGIES:
+        probe = subprocess.run([sys.executable, "-m", "benchmarks.bench_vicrop", "--memory-probe", "answer", name,
+                                str(folder), method], capture_output=True, text=True, check=True, cwd=ROOT)
+        out[method]["peak_mib"] = json.loads(probe.stdout.strip().splitlines()[-1])["peak_mib"]
+    return out
+
+
+def strategy_table(compared: dict) -> list[str]:
+    rows = ["| strategy | s / question | of a plain answer | model passes / question | prefill tokens / question "
+            "| peak memory of an answer |", "| --- | --- | --- | --- | --- | --- |"]
+    plain = compared["none"]["seconds"]
+    for method, figures in compared.items():
+        seconds = "{:.3f} ({:.3f}-{:.3f})".format(*spread(figures["seconds"]))
+        rows.append(f"| {method} | {seconds} | {statistics.median(ratios(figures['seconds'], plain)):.2f}x | "
+                    f"{figures['passes']:.1f} | {figures['prefill_tokens']:.0f} | {figures['peak_mib']:.0f} MiB |")
+    return rows
 
 
 QUICK_FLOORS = {"speed-up": 2.0, "over plain": 2.5}  # rel_att on medium; README: the figures they guard
@@ -314,7 +368,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=2, help="timing runs, each in a fresh process")
     parser.add_argument("--methods", nargs="+", default=["none", *METHODS], choices=["none", *METHODS])
     parser.add_argument("--parts", nargs="+", default=["timing", "memory", "batch"],
-                        choices=["timing", "memory", "batch"])
+                        choices=["timing", "memory", "batch", "strategies"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--quick", action="store_true", help="the pre-landing check (see QUICK_FLOORS)")
     parser.add_argument("--memory-probe", nargs=4, metavar=("FRAMEWORK", "CONFIG", "FOLDER", "METHOD"))
@@ -350,6 +404,10 @@ def main() -> int:
                 for method in METHODS:
                     ours, theirs = memory[method]["ours"], memory[method]["reference"]
                     print(f"| {method} | {ours:.0f} MiB | {theirs:.0f} MiB | {ours / max(theirs, 1e-9):.2f} |")
+            if "strategies" in args.parts:
+                print(f"\n### {name}: ViCrop and the competing zoom strategies, ours, median (range) of "
+                      f"{args.passes} passes of {args.questions} questions\n")
+                print("\n".join(strategy_table(strategy_comparison(name, folder, args.questions, args.passes))))
             if "batch" in args.parts:
                 rates = throughput(name, folder, args.batches, args.passes)
                 print("\n| rel_att batch size | questions / s (median of passes) | vs batch 1 |")

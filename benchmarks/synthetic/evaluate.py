@@ -8,11 +8,13 @@
 2. Calibrates on seed 4 (never on the evaluation seed), unless `calibration.json` is present: per map method,
    the `regions="auto"` threshold on the map's mass outside the first box that gives the best accuracy, and
    rel-att's two gate thresholds (the lowest that keeps 90% of rel-att's gain, and the one that keeps 97%).
-3. Runs `vicrop-jax eval`'s runner once per configuration (`CONFIGS`); results are JSONL that resume.
+3. Runs `vicrop-jax eval`'s runner once per configuration (`configs`: ViCrop's methods and options, the
+   baselines, and the competing zoom strategies FOCUS and ZoomEye's search); results are JSONL that resume.
 4. Prints and writes (`summary.json`, `summary.md`): the single-detail tables of version 1 (accuracy by size
    tercile, attention ratios for right and wrong answers, per LM layer); accuracy per question type and
-   overall for every configuration, with the share of questions cropped and seconds per question; geometry
-   paper vs exact on the non-square scenes; and the maps' quality against the ground-truth boxes.
+   overall for every configuration, with the share of questions cropped, the model passes and prompt tokens
+   per question (`Answer.cost`) and seconds per question; geometry paper vs exact on the non-square scenes; the
+   maps' quality against the ground-truth boxes; and warm seconds per single-detail question (`warm_timing`).
 High-resolution tiling is not run: the generated images are at most 768 px, below its 1024 px threshold.
 """
 
@@ -35,14 +37,16 @@ from vicrop_jax.vicrop.methods import RelAtt, resolve_method
 from vicrop_jax.evaluation.metrics import TERCILES, attention_ratio, tercile, tercile_edges
 from vicrop_jax.evaluation.results import read_results
 from vicrop_jax.evaluation.runner import EvalSettings, evaluate
-from vicrop_jax.testing.synthetic import QUESTION_TYPES, write_dataset
-from vicrop_jax.vicrop._api import plain_answers
+from vicrop_jax.prompts import YES_WORD
+from vicrop_jax.testing.synthetic import QUESTION_TYPES, make_record, write_dataset
+from vicrop_jax.vicrop._api import ModelPasses, plain_answers
 from vicrop_jax.vicrop.boxes import outside_mass, select_boxes
 
 EVAL_SEED = 1
 CALIBRATION_SEED = 4
 METHODS = ("none", "gt", "random", "center", "rel_att", "grad_att", "pure_grad")
 MAP_METHODS = ("rel_att", "grad_att", "pure_grad")
+ZOOM_STRATEGIES = ("focus", "zoom_search")
 GATE_GAINS = (0.90, 0.97)  # the gates keep these shares of rel-att's gain on the calibration scenes
 AUTO = "auto"
 
@@ -148,6 +152,9 @@ def configs(calibration: dict, method_auto: bool = True) -> list[tuple[str, str,
     if method_auto:
         runs.append(("auto", "auto", {}))
     runs += [(f"{method} geometry=exact", method, {"geometry": "exact"}) for method in MAP_METHODS]
+    for strategy in ZOOM_STRATEGIES:
+        runs += [(strategy, strategy, {}),
+                 (f"{strategy} answer_views=both", strategy, {"options": ("answer_views=both",)})]
     return runs
 
 
@@ -198,7 +205,7 @@ def calibrate(model_name: str, out: Path, count: int, batch_size: int) -> dict:
     for begin in range(0, len(records), batch_size):
         chunk = records[begin: begin + batch_size]
         answers = plain_answers(model, [scenes[r["id"]] for r in chunk], [r["question"] for r in chunk], 20)
-        confidence.update({r["id"]: c for r, (_, c) in zip(chunk, answers)})
+        confidence.update({r["id"]: a.confidence for r, a in zip(chunk, answers)})
     gain = np.mean([rel[i]["crop_correct"] - rel[i]["original_correct"] for i in rel])
     gated = lambda t: np.mean([rel[i]["crop_correct"] if confidence[i] < t else rel[i]["original_correct"]  # noqa: E731
                                for i in rel]) - np.mean([rel[i]["original_correct"] for i in rel])
@@ -208,14 +215,20 @@ def calibrate(model_name: str, out: Path, count: int, batch_size: int) -> dict:
             "regions_auto_accuracy": choices, "gates": gates, "gate_gains": list(GATE_GAINS)}
 
 
-def gate_timing(model, records: list[dict], images: Path, gates: list[float], batch_size: int,
+def timed_runs(gates: list[float]) -> dict[str, tuple[str, dict]]:
+    """The configurations `warm_timing` times: none, the map methods, rel-att's gates, the zoom strategies."""
+    return {"none": ("none", {}), **{method: (method, {}) for method in MAP_METHODS},
+            **{f"rel_att gate={gate:.3g}": ("rel_att", {"gate": gate}) for gate in gates},
+            **{strategy: (strategy, {}) for strategy in ZOOM_STRATEGIES}}
+
+
+def warm_timing(model, records: list[dict], images: Path, runs: dict[str, tuple[str, dict]], batch_size: int,
                 passes: int = 3) -> dict[str, float]:
-    """Seconds per single-detail question, warm, for none, rel-att and its gates: a first pass compiles every
-    program (the run files' timings include compiling), then `passes` passes alternate the configurations."""
+    """Seconds per question, warm, of each configuration of `runs` ({name: (method, options)}): a first pass
+    compiles every program (the run files' timings include compiling), then `passes` passes alternate the
+    configurations; the median pass."""
     scenes = [Image.open(images / r["image_path"]).convert("RGB") for r in records]
     questions = [r["question"] for r in records]
-    runs = {"none": ("none", {}), "rel_att": ("rel_att", {}),
-            **{f"rel_att gate={gate:.3g}": ("rel_att", {"gate": gate}) for gate in gates}}
     measured: dict[str, list[float]] = {name: [] for name in runs}
     for turn in range(1 + passes):
         for name, (method, options) in runs.items():
@@ -224,6 +237,23 @@ def gate_timing(model, records: list[dict], images: Path, gates: list[float], ba
             if turn:
                 measured[name].append((time.perf_counter() - start) / len(records))
     return {name: float(np.median(values)) for name, values in measured.items()}
+
+
+def yes_no_accuracy(model, seed: int, count: int, batch_size: int = 32) -> dict[str, float]:
+    """How often the model's p(yes) is on the right side of 0.5 for the zoom strategies' yes/no questions about
+    views of held-out scenes (`train.aux_question`: a random view, Yes or No equally), per question form (%)."""
+    from benchmarks.synthetic.train import AUX_QUESTIONS, aux_question
+
+    rng = np.random.default_rng([seed, 1])
+    asked = [aux_question(rng, make_record(seed, i)) for i in range(count)]
+    passes = ModelPasses(model)
+    right: dict[str, list[bool]] = {form: [] for form in AUX_QUESTIONS}
+    for begin in range(0, count, batch_size):
+        chunk = asked[begin: begin + batch_size]
+        yes, _ = passes.yes_probabilities([aux.view for aux in chunk], [aux.question for aux in chunk])
+        for aux, p in zip(chunk, yes):
+            right[aux.form].append((p > 0.5) == (aux.answer == YES_WORD))
+    return {form: percent(values) for form, values in right.items()}
 
 
 def crop_holds_centres(line: dict) -> list[bool]:
@@ -248,6 +278,9 @@ def v2_summary(results: dict[str, list[dict]], records: list[dict], ratios: dict
         row["non-square"] = percent([l["crop_correct"] for l in lines if aspects[l["id"]] != "square"])
         row["cropped"] = percent([bool(l.get("cropped")) for l in lines])
         row["seconds"] = seconds(lines)
+        costs = [l["cost"] for l in lines if l.get("cost")]
+        row["passes"] = float(np.mean([c["passes"] + c["backward_passes"] for c in costs])) if costs else None
+        row["prefill_tokens"] = float(np.mean([c["prefill_tokens"] for c in costs])) if costs else None
         row["centres_held"] = {k: percent([h for l in lines if kinds[l["id"]] == k for h in crop_holds_centres(l)])
                                for k in KINDS}
         table[name] = row
@@ -259,11 +292,12 @@ def v2_summary(results: dict[str, list[dict]], records: list[dict], ratios: dict
 def v2_markdown(summary: dict) -> str:
     counts = summary["questions"]
     heads = [f"{k} (n={counts[k]})" for k in KINDS]
-    rows = ["| configuration | " + " | ".join(heads) + " | overall | cropped | s / question |",
-            "| --- | " + " | ".join(["---:"] * (len(KINDS) + 3)) + " |"]
+    rows = ["| configuration | " + " | ".join(heads) + " | overall | cropped | passes / question "
+            "| prompt tokens / question | s / question |", "| --- | " + " | ".join(["---:"] * (len(KINDS) + 5)) + " |"]
     for name, row in summary["accuracy"].items():
+        cost = ("- | -" if row.get("passes") is None else f"{row['passes']:.1f} | {row['prefill_tokens']:.0f}")
         rows.append(f"| {name} | " + " | ".join(f"{row[k]:.1f}" for k in KINDS)
-                    + f" | {row['overall']:.1f} | {row['cropped']:.0f}% | {row['seconds']:.3f} |")
+                    + f" | {row['overall']:.1f} | {row['cropped']:.0f}% | {cost} | {row['seconds']:.3f} |")
     table = summary["accuracy"]
     compared = [m for m in MAP_METHODS if m in table and f"{m} geometry=exact" in table]
     if compared:
@@ -273,7 +307,8 @@ def v2_markdown(summary: dict) -> str:
     rows += ["", "| crops hold the centre of each ground-truth box (%) | " + " | ".join(KINDS) + " |",
              "| --- | " + " | ".join(["---:"] * len(KINDS)) + " |"]
     for name, row in summary["accuracy"].items():
-        if any(name.startswith(m) for m in MAP_METHODS + ("random", "center", "gt", "auto")) and "gate" not in name:
+        if any(name.startswith(m) for m in MAP_METHODS + ZOOM_STRATEGIES + ("random", "center", "gt", "auto")) \
+                and "gate" not in name:
             rows.append(f"| {name} | " + " | ".join(f"{row['centres_held'][k]:.1f}" for k in KINDS) + " |")
     ratio = summary["median_attention_ratio"]
     rows += ["", "| median attention ratio on the ground-truth boxes (rel-att's question map) | "
@@ -287,9 +322,16 @@ def v2_markdown(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def yes_no_markdown(accuracy: dict[str, float], count: int) -> str:
+    return "\n".join([f"| yes/no question about a view ({count} in all) | right |", "| --- | ---: |",
+                      *(f"| {form} | {value:.1f}% |" for form, value in accuracy.items())])
+
+
 def timing_markdown(timing: dict[str, float]) -> str:
-    rows = ["| single-detail questions, warm | s / question | of rel_att's |", "| --- | ---: | ---: |"]
-    rows += [f"| {name} | {value:.4f} | {value / timing['rel_att']:.0%} |" for name, value in timing.items()]
+    rows = ["| single-detail questions, warm | s / question | of a plain answer's | of rel_att's |",
+            "| --- | ---: | ---: | ---: |"]
+    rows += [f"| {name} | {value:.4f} | {value / timing['none']:.2f}x | {value / timing['rel_att']:.0%} |"
+             for name, value in timing.items()]
     return "\n".join(rows)
 
 
@@ -300,6 +342,8 @@ def main() -> None:
     parser.add_argument("--calibration-count", type=int, default=400)
     parser.add_argument("--out", default="runs/synthetic")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--timing-count", type=int, default=400, help="single-detail questions the warm timing reads")
+    parser.add_argument("--yes-no-count", type=int, default=600, help="yes/no questions about views of held-out scenes")
     args = parser.parse_args()
     out = Path(args.out)
     data = out / "data"
@@ -325,11 +369,14 @@ def main() -> None:
     all_scenes = load_scenes(records, data / "images")
     all_ratios = {r["id"]: float(np.mean([attention_ratio(attention, box, image.size) for box in r["bboxes"]]))
                   for r, attention, (image, _, _) in zip(records, attention_maps(model, all_scenes), all_scenes)}
-    timing = gate_timing(model, single, data / "images", calibration["gates"], args.batch_size)
+    timing = warm_timing(model, single[: args.timing_count], data / "images", timed_runs(calibration["gates"]),
+                         args.batch_size)
+    yes_no = yes_no_accuracy(model, EVAL_SEED, args.yes_no_count)
     summary = {"single_detail": v1, "v2": v2_summary(results, records, all_ratios, calibration),
-               "warm_seconds_per_single_detail_question": timing}
+               "warm_seconds_per_single_detail_question": timing, "yes_no_accuracy": yes_no}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    text = markdown(v1) + "\n\n" + v2_markdown(summary["v2"]) + "\n\n" + timing_markdown(timing)
+    text = (markdown(v1) + "\n\n" + v2_markdown(summary["v2"]) + "\n\n" + timing_markdown(timing) + "\n\n"
+            + yes_no_markdown(yes_no, args.yes_no_count))
     (out / "summary.md").write_text(text + "\n")
     print(text)
 
