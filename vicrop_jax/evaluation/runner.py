@@ -267,7 +267,7 @@ def run_strategy(settings: EvalSettings) -> Strategy:
     names = option_names(strategy_class(settings.method))
     flags = {"layer": settings.layer, "qformer_layer": settings.qformer_layer,
              **{name: getattr(settings, name) for name in MAP_OPTION_DEFAULTS}}
-    defaults = {"layer": None, "qformer_layer": 2, **MAP_OPTION_DEFAULTS}
+    defaults = {field.name: field.default for field in dataclasses.fields(EvalSettings)}
     given = [f"--{name.replace('_', '-')} {value}" for name, value in flags.items()
              if value != defaults[name] and name not in names]
     if given:
