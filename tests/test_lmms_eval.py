@@ -15,7 +15,7 @@ import pytest
 from scipy.special import log_softmax
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed: pip install --no-deps lmms-eval==0.7.3 && "
-                    "pip install -r requirements/lmms-eval-cpu.txt (README, lmms-eval)")
+                    "pip install -r requirements/lmms-eval-cpu.txt (docs/evaluation.md, lmms-eval)")
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.utils import simple_parse_args_string

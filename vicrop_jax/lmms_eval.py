@@ -22,7 +22,7 @@ try:
     from lmms_eval.utils import simple_parse_args_string
 except ImportError as error:  # the module is only for lmms-eval: say how to get it
     raise ImportError(f"vicrop_jax.lmms_eval needs lmms-eval ({error}): pip install 'vicrop_jax[lmms]', or see the "
-                      "README section 'lmms-eval' for the CPU install without torchvision") from error
+                      "section 'lmms-eval' of docs/evaluation.md for the CPU install without torchvision") from error
 
 import jax
 import jax.numpy as jnp

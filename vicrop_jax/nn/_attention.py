@@ -3,8 +3,8 @@ the CPU's caches) or fused (`jax.nn.dot_product_attention`, which never hands ou
 
 With all heads at once, the float32 scores [B,N,T,S] of a long prompt (LLaVA's 576 image tokens and more)
 run to tens of MB, and each step after the first product (mask, softmax, product with the values) is a
-trip to memory. One head's scores stay in cache from the first product to the last (the README's
-benchmarks give the times). Small passes (decoding steps, short prompts) keep all heads at once, where a loop
+trip to memory. One head's scores stay in cache from the first product to the last (docs/benchmarks.md
+gives the times). Small passes (decoding steps, short prompts) keep all heads at once, where a loop
 would only add overhead. Differentiated (pure-grad's backward pass to the pixels), each head's probabilities
 are recomputed rather than stored (`jax.checkpoint` on the loop body), also inside the recomputed layers of
 pure-grad's backward pass, which keeps that pass's memory down.
@@ -25,7 +25,7 @@ class AttentionKernel(enum.Enum):
     """How the attentions whose probabilities no map reads are computed. A layer a map reads (the sown and
     perturbed layers) is always explicit, whatever the kernel."""
 
-    EXPLICIT = "explicit"  # transformers' eager order, written out (fastest on CPU: the README measures it)
+    EXPLICIT = "explicit"  # transformers' eager order, written out (fastest on CPU: docs/benchmarks.md measures it)
     FUSED = "fused"  # jax.nn.dot_product_attention: cuDNN's fused kernel on GPU in 16-bit, XLA's otherwise
 
     @classmethod
