@@ -4,8 +4,10 @@
 
 Images of random sizes (sides 64 to 2048 px, aspect ratios up to 8:1) go through `vicrop_jax.answer` on a tiny
 random Qwen2.5-VL checkpoint whose processor allows the published model's pixels, so ViCrop's budget (256*28*28
-pixels) applies as on the real one. Each image's token grid differs; the programs compile per patch bucket and
-question-length bucket (`families/qwen2_5_vl.py`), which this counts. A count, not a timing: any machine gives it.
+pixels) applies as on the real one. Each image's token grid differs; the device pipeline compiles per bucket of the
+full-resolution image, of the original's patches, of its token grid and of the crops' canvas
+(`families/qwen2_5_vl.py`), and per question-length bucket, which this counts. A count, not a timing: any machine
+gives it.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ PUBLISHED_MAX_PIXELS = 12845056  # Qwen2.5-VL's preprocessor_config.json
 
 
 def programs() -> dict[str, int]:
-    return {"map": sum(p._cache_size() for p in _pipeline.importance_program.programs),
-            "vision tower": encode_images._cache_size(), "prefill + decoding": greedy_generate._cache_size()}
+    return {"pipeline": _pipeline.compiled_programs(), "vision tower": encode_images._cache_size(),
+            "prefill + decoding": greedy_generate._cache_size()}
 
 
 def image_sizes(count: int, seed: int) -> list[tuple[int, int]]:
@@ -53,7 +55,7 @@ def main() -> None:
     model = vicrop_jax.load(folder, "float32")
     budget = model.family.pixel_budget(model)
     grids, buckets = set(), set()
-    print("| records | distinct token grids | patch buckets | map | vision tower | prefill + decoding | all |")
+    print("| records | distinct token grids | patch buckets | pipeline | vision tower | prefill + decoding | all |")
     print("|---|---|---|---|---|---|---|")
     for i, (width, height) in enumerate(image_sizes(args.records, args.seed), 1):
         grid = image_grid(width, height, model.image_config, budget)

@@ -19,8 +19,8 @@
 The reference is `torch_reference.vicrop_llava` (transformers eager attention, `output_attentions=True`,
 `torch.autograd`), ours is `vicrop_jax.answer` (one compiled program per method, prefix-cached LLaVA maps); for
 the Qwen configs the reference is `torch_reference.vicrop_qwen2_5_vl` (the release's procedure: map, box, PIL crop,
-the crop answered as a second image), and ours maps on the device and crops on the host. A Qwen crop's token count
-depends on its box, so ours warms up on every question once (every size bucket the timed passes meet).
+the crop answered as a second image), and ours runs the same device program as for LLaVA (the crop resized on the
+device to the processor's size for its box, inside static shapes chosen per image size).
 Each run is a fresh process (compiles, warms up, then `--passes` timed passes over the questions, ours and
 the reference's alternating, so both meet the same drift of a shared machine); a figure is the median over
 every pass of every run, with the range beside it, and a speed-up is the median of the per-pass ratios.
@@ -145,8 +145,7 @@ def seconds_per_question(fn, images, questions) -> float:
 
 def timing_run(name: str, folder: Path, count: int, passes: int, methods: list[str]) -> dict:
     """One run: {side: {method: [seconds per question of each pass]}}, after a warm-up on one question per image
-    size (JAX compiles every size bucket, torch's allocator fills); the two sides' passes alternate. On Qwen ours
-    warms up on every question: the crops' token counts, and so their buckets, depend on the boxes."""
+    size (JAX compiles every size bucket, torch's allocator fills); the two sides' passes alternate."""
     from benchmarks import torch_reference
     import vicrop_jax
 
@@ -156,9 +155,7 @@ def timing_run(name: str, folder: Path, count: int, passes: int, methods: list[s
     model = vicrop_jax.load(folder)
     reference = load_reference(folder)
     layer = map_layer(folder)
-    qwen = is_qwen(folder)
-    vicrop_reference = torch_reference.vicrop_qwen2_5_vl if qwen else torch_reference.vicrop_llava
-    warm_ups = {"ours": (images, questions) if qwen else warm_up, "reference": warm_up}
+    vicrop_reference = torch_reference.vicrop_qwen2_5_vl if is_qwen(folder) else torch_reference.vicrop_llava
     out = {"ours": {}, "reference": {}}
     for method in methods:
         options = {"layer": layer} if method in METHODS else {}
@@ -166,8 +163,8 @@ def timing_run(name: str, folder: Path, count: int, passes: int, methods: list[s
             "ours": lambda i, q: vicrop_jax.answer(model, i, q, method, **options),
             "reference": lambda i, q: vicrop_reference(*reference, i, q, method, layer=layer),
         }
-        for side, fn in sides.items():
-            seconds_per_question(fn, *warm_ups[side])
+        for fn in sides.values():
+            seconds_per_question(fn, *warm_up)
         timed = [{side: seconds_per_question(fn, images, questions) for side, fn in sides.items()}
                  for _ in range(passes)]
         for side in sides:

@@ -1,8 +1,9 @@
-"""The GPU figures in one run: random LLaVA-1.5-7B- and 13B-shaped weights made on the device (nothing to
-download), bfloat16; seconds per question of the plain answer and each map method at batch 1 and 8, with the
-explicit and the fused attention kernel; model FLOPs utilisation; peak device memory. One JSON file of figures.
+"""The GPU figures in one run: random LLaVA-1.5-7B- and 13B- and Qwen2.5-VL-3B- and 7B-shaped weights made on
+the device (nothing to download), bfloat16; seconds per question of the plain answer and each map method at batch
+1 and 8, with the explicit and the fused attention kernel; model FLOPs utilisation; peak device memory. One JSON
+file of figures.
 
-    bash benchmarks/gpu_check.sh [--out gpu_check.json] [--budget-s 270] [--shapes 7b 13b]
+    bash benchmarks/gpu_check.sh [--out gpu_check.json] [--budget-s 270] [--shapes 7b 13b qwen3b qwen7b]
     bash benchmarks/gpu_check.sh --dry-run      # a tiny shape on any backend (the tests run it on the CPU)
 
 Figures are written as they are taken; when the time budget is spent the rest are listed as skipped, so the
@@ -40,6 +41,21 @@ SHAPES = {  # (vision tower, LLaMA decoder) as in llava-1.5-7b-hf and llava-1.5-
              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=128)),
 }
+QWEN_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                   fullatt_block_indexes=[7, 15, 23, 31], patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+QWEN_SHAPES = {  # (vision tower, Qwen2 decoder) as in Qwen2.5-VL-3B/7B-Instruct
+    "qwen3b": (QWEN_VISION, dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                 num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+                                 mrope_section=[16, 24, 24])),
+    "qwen7b": (QWEN_VISION, dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                 mrope_section=[16, 24, 24])),
+    "qwen-tiny": (dict(QWEN_VISION, depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                       fullatt_block_indexes=[1]),
+                  dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, mrope_section=[2, 3, 3])),
+}
+QWEN_MAX_PIXELS = 12845056  # the published processor's; ViCrop's budget stays the release's 256 * 28 * 28
 # dense bfloat16 peak of the GPUs this check is meant for, by a substring of jax's device_kind
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
 BENCH_SEED = 3  # synthetic questions no other run uses (training 0, evaluation 1, demo 2)
@@ -72,6 +88,34 @@ def random_model(shape: str, dtype=jnp.bfloat16):
                  ImageProcessorConfig.from_preprocessor_config(processor), tiny)
 
 
+def random_qwen_model(shape: str, dtype=jnp.bfloat16):
+    """A Qwen2.5-VL of the given shape with random weights initialised on the default device; the embedded
+    vicrop-tiny-qwen's tokenizer and special token ids, its processor with the published pixel budget."""
+    from vicrop_jax._loading import Model, checkpoint_folder
+    from vicrop_jax._tokenizer import Tokenizer
+    from vicrop_jax.families import QWEN2_5_VL
+    from vicrop_jax.nn._config import MAP_LAYER_KEY
+    from vicrop_jax.qwen_preprocessing import QwenImageProcessorConfig
+
+    vision, text = QWEN_SHAPES[shape]
+    tiny = checkpoint_folder("vicrop-tiny-qwen")
+    hf = json.loads((tiny / "config.json").read_text())
+    hf.pop(MAP_LAYER_KEY, None)  # the embedded model's own map layer; these shapes take the default
+    section = text["mrope_section"]
+    hf["vision_config"] = {"model_type": "qwen2_5_vl_vision", "hidden_act": "silu",
+                           "out_hidden_size": text["hidden_size"], **vision}
+    hf["text_config"] = {**hf["text_config"], "layer_types": None, "max_window_layers": text["num_hidden_layers"],
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+                         **{key: value for key, value in text.items() if key != "mrope_section"}}
+    config = QWEN2_5_VL.read_config(hf)
+    module = QWEN2_5_VL.module_class(config, dtype=dtype, param_dtype=dtype)
+    init = jax.jit(lambda key: module.init(key, *QWEN2_5_VL.init_inputs(config))["params"])
+    processor = json.loads((tiny / "preprocessor_config.json").read_text())
+    processor["size"] = {"shortest_edge": 56 * 56, "longest_edge": QWEN_MAX_PIXELS}
+    return Model(QWEN2_5_VL, config, module, init(jax.random.PRNGKey(0)), Tokenizer.from_folder(tiny),
+                 QwenImageProcessorConfig.from_preprocessor_config(processor), tiny)
+
+
 def workload(count: int):
     from benchmarks.bench_vicrop import cluttered_scene
     from vicrop_jax.testing.synthetic import make_record
@@ -80,26 +124,14 @@ def workload(count: int):
     return [image] * count, [make_record(BENCH_SEED, i).question for i in range(count)]
 
 
-def plain_batch(model, images, questions, max_new_tokens: int):
-    """The plain answer of a batch: one encode and one decoding loop over all prompts."""
-    from vicrop_jax._generation import encode_images, pixel_values, prompt_ids
-    from vicrop_jax.nn.decoding import greedy_generate, pad_prompt
-
-    prompts = [prompt_ids(model, model.family.prompt(q), 1) for q in questions]
-    ids = np.stack([pad_prompt(p, bucket=max(map(len, prompts)))[0] for p in prompts])
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    features = encode_images(model.module, model.params, pixel_values(model, images))
-    return greedy_generate(model.module, model.params, ids, lengths, features, max_new_tokens=max_new_tokens,
-                           eos_ids=model.config.text.eos_token_ids)
-
-
 def runner(model, method: str, batch: int, max_new_tokens: int):
     """A function answering one batch of `batch` questions, blocking until the answers are on the host."""
     import vicrop_jax
+    from vicrop_jax.vicrop import _api
 
     images, questions = workload(batch)
-    if method == "none" and batch > 1:
-        return lambda: jax.block_until_ready(plain_batch(model, images, questions, max_new_tokens))
+    if method == "none" and batch > 1:  # the plain answers of a batch: one program
+        return lambda: _api.plain_answers(model, images, questions, max_new_tokens)
     if batch == 1:
         return lambda: vicrop_jax.answer(model, images[0], questions[0], method, max_new_tokens=max_new_tokens)
     return lambda: vicrop_jax.answer_batch(model, images, questions, method, batch_size=batch,
@@ -108,20 +140,14 @@ def runner(model, method: str, batch: int, max_new_tokens: int):
 
 def flops_per_question(model, method: str, max_new_tokens: int) -> float | None:
     """XLA's FLOP count of the lowered programs that answer one question (nothing is compiled)."""
-    from vicrop_jax._generation import encode_images, pixel_values, prompt_ids
-    from vicrop_jax.nn.decoding import greedy_generate, pad_prompt
     from vicrop_jax.vicrop import _api, _pipeline
     from vicrop_jax.vicrop.methods import resolve_method
 
     (image,), (question,) = workload(1)
     if method == "none":
-        pixels = pixel_values(model, [image])
-        features = encode_images(model.module, model.params, pixels)
-        padded, length = pad_prompt(prompt_ids(model, model.family.prompt(question), 1))
-        lowered = [encode_images.lower(model.module, model.params, pixels),
-                   greedy_generate.lower(model.module, model.params, padded[None], np.array([length], np.int32),
-                                         features, max_new_tokens=max_new_tokens,
-                                         eos_ids=model.config.text.eos_token_ids)]
+        pixels, prompts = model.family.plain_inputs(model, [image], [question])
+        lowered = [_pipeline.plain_batch.lower(_api.static_model(model), model.params, pixels, prompts,
+                                               max_new_tokens=max_new_tokens)]
     else:
         strategy = resolve_method(model, method)
         program = _pipeline.pipeline.programs[strategy.low_memory]
@@ -179,7 +205,7 @@ def check(shapes: list[str], out: Path, budget_s: float, repeats: int, max_new_t
         if time.perf_counter() - start > budget_s:
             report["skipped"].append({"shape": shape, "reason": "time budget spent"})
             continue
-        explicit = random_model(shape)
+        explicit = random_qwen_model(shape) if shape in QWEN_SHAPES else random_model(shape)
         models = {"explicit": explicit, "fused": explicit.with_attention("fused")}
         report["models"][shape] = {"parameters": parameter_count(explicit.params),
                                    "init_s": round(time.perf_counter() - start, 1)}
@@ -209,7 +235,8 @@ def check(shapes: list[str], out: Path, budget_s: float, repeats: int, max_new_t
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
-    parser.add_argument("--shapes", nargs="+", default=["7b", "13b"], choices=[s for s in SHAPES if s != "tiny"])
+    parser.add_argument("--shapes", nargs="+", default=["7b", "13b", "qwen3b", "qwen7b"],
+                        choices=[s for s in (*SHAPES, *QWEN_SHAPES) if "tiny" not in s])
     parser.add_argument("--budget-s", type=float, default=270.0, help="stop taking figures after this long")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure after the compiling one")
     parser.add_argument("--max-new-tokens", type=int, default=20)
@@ -221,8 +248,8 @@ def main(argv: list[str] | None = None) -> None:
 
     enable_compilation_cache()  # a rerun on the same machine skips the compiles
     if args.dry_run:
-        report = check(["tiny"], args.out, budget_s=float("inf"), repeats=1, max_new_tokens=4, batches=(1, 2),
-                       methods=("none", "rel_att"))
+        report = check(["tiny", "qwen-tiny"], args.out, budget_s=float("inf"), repeats=1, max_new_tokens=4,
+                       batches=(1, 2), methods=("none", "rel_att"))
     else:
         report = check(args.shapes, args.out, args.budget_s, args.repeats, args.max_new_tokens)
     print(f"{len(report['figures'])} figures, {len(report['skipped'])} skipped -> {args.out}")

@@ -22,10 +22,16 @@ from vicrop_jax.vicrop.boxes import (
     center_box,
     crop_and_resize_jax,
     grow_box,
+    outside_mass,
+    outside_mass_jax,
     random_box,
     select_bbox,
     select_bbox_jax,
+    select_boxes,
+    select_boxes_jax,
     stitch_maps,
+    suppress,
+    suppress_jax,
     tile_boxes,
     tile_grid,
 )
@@ -475,3 +481,136 @@ def test_crop_and_resize_ignores_everything_outside_the_box():
     np.testing.assert_allclose(out[2] / 255, out[0], atol=1e-4)
     stretched = np.asarray(Image.fromarray(quantised[:100]).resize((100, 100), Image.BICUBIC))
     assert np.abs(np.clip(np.round(out[3] * 255), 0, 255) - stretched).mean() < 0.4
+
+
+# ------------------------------------------------------------------------------------ maps padded into a canvas
+
+# Smaller than the 16 x 16 canvas on both axes, on one, on neither; one row, one column.
+PADDED_GRIDS = [(7, 11), (11, 7), (16, 16), (1, 5), (3, 1), (16, 9), (5, 16), (12, 13)]
+PADDED_BATCH = 32
+
+
+def random_frame(rng, size):
+    """The whole image, or a box inside it at least half as wide and half as tall."""
+    width, height = size
+    if rng.random() < 0.3:
+        return 0, 0, width, height
+    left, top = int(rng.integers(0, (width + 1) // 2)), int(rng.integers(0, (height + 1) // 2))
+    return left, top, int(rng.integers(left + width // 2, width)) + 1, int(rng.integers(top + height // 2, height)) + 1
+
+
+def padded_cases(seed, canvas, grids, count=PADDED_BATCH):
+    """canvases [n, *canvas] whose top-left (gh, gw) is a random map and the rest garbage (random float32 bits:
+    NaN, infinities, subnormals, anything) or NaN in turn, grid sizes [n, 2], image sizes [n, 2], frames [n, 4]."""
+    rng = np.random.default_rng(seed)
+    canvases, sizes, frames = [], [], []
+    grids = [grids[i % len(grids)] for i in range(count)]
+    for i, (gh, gw) in enumerate(grids):
+        if i // len(grids) % 2:
+            padded = np.full(canvas, np.nan, np.float32)
+        else:
+            padded = rng.integers(0, 2**32, canvas, dtype=np.uint32).view(np.float32)
+        padded[:gh, :gw] = random_map(rng, (gh, gw), i % 5)
+        size = random_size(rng)
+        canvases.append(padded), sizes.append(size), frames.append(random_frame(rng, size))
+    return np.stack(canvases), np.array(grids, np.int32), np.array(sizes, np.int32), np.array(frames, np.int32)
+
+
+@functools.cache
+def padded_program(base, regions, framed=True):
+    """One program per test: per record, the boxes, the outside mass of each, and the canvas with the first box
+    suppressed (with the record's frame, or frame=None)."""
+
+    def run(canvas, grid_size, size, frame):
+        frame = frame if framed else None
+        found = select_boxes_jax(canvas, size, base, regions, frame, grid_size=grid_size)
+        masses = jax.vmap(lambda box: outside_mass_jax(canvas, box, size, frame, grid_size=grid_size))(found)
+        return found, masses, suppress_jax(canvas, found[0], size, frame, grid_size=grid_size)
+
+    return jax.jit(jax.vmap(run))
+
+
+def padded_device(program, *arrays):
+    """The program on the records, padded to PADDED_BATCH, as numpy."""
+    count = len(arrays[0])
+    arrays = [np.concatenate([a, np.repeat(a[:1], PADDED_BATCH - count, axis=0)]) for a in arrays]
+    return [np.asarray(out)[:count] for out in program(*arrays)]
+
+
+def as_boxes(array):
+    return [tuple(int(v) for v in box) for box in array]
+
+
+def check_padded(canvases, grids, sizes, frames, base, regions, framed=True):
+    """The device's boxes, masses and suppressed grid are the host's on importance[:gh, :gw], bit for bit, and the
+    suppressed canvas keeps its padding (flushed, as the map is); returns the host's boxes and the device's output."""
+    found, masses, suppressed = padded_device(padded_program(base, regions, framed), canvases, grids, sizes, frames)
+    expected = []
+    for i, (canvas, (gh, gw), size, frame) in enumerate(zip(canvases, grids.tolist(), sizes.tolist(), frames)):
+        grid, size, frame = canvas[:gh, :gw], tuple(size), tuple(frame.tolist()) if framed else None
+        host = select_boxes(grid, size, base, regions, frame)
+        assert as_boxes(found[i]) == host, i
+        np.testing.assert_array_equal(masses[i], np.float32([outside_mass(grid, box, size, frame) for box in host]))
+        np.testing.assert_array_equal(suppressed[i, :gh, :gw], suppress(grid, host[0], size, frame))
+        padding = np.ones(canvas.shape, bool)
+        padding[:gh, :gw] = False
+        flushed = np.where(np.abs(canvas) < np.finfo(np.float32).tiny, np.float32(0.0), canvas)
+        np.testing.assert_array_equal(suppressed[i][padding], flushed[padding])  # NaN where NaN was
+        expected.append(host)
+    return expected, (found, masses, suppressed)
+
+
+def test_a_padded_map_gives_the_boxes_and_masses_of_its_grid_bit_for_bit():
+    # Maps of 8 grids in one 16 x 16 canvas, padded with garbage or NaN, vmapped together with their image sizes and
+    # frames: select_boxes_jax and outside_mass_jax give exactly the host's results on importance[:gh, :gw].
+    canvases, grids, sizes, frames = padded_cases(40, (16, 16), PADDED_GRIDS)
+    found, _ = check_padded(canvases, grids, sizes, frames, 336, 3)
+    for canvas, (gh, gw), size, frame, three in zip(canvases, grids.tolist(), sizes.tolist(), frames.tolist(), found):
+        for regions in (1, 2):  # the first boxes of 3
+            assert select_boxes(canvas[:gh, :gw], tuple(size), 336, regions, tuple(frame)) == three[:regions]
+    whole = [(0, 0, *size) for size in sizes.tolist()]
+    assert sum(b[0] != w for b, w in zip(found, whole)) > len(found) // 2  # not all whole images
+    assert sum(len(set(b)) > 1 for b in found) > len(found) // 4  # suppression moves the later boxes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regions", [1, 2, 3])
+def test_padded_maps_without_a_frame_and_with_any_number_of_regions(regions):
+    # A 24 x 20 canvas, base 224, frame=None: one program per number of regions.
+    grids = [(12, 20), (20, 12), (1, 20), (24, 1), (24, 20), (17, 3), (9, 9), (24, 18)]
+    canvases, grids, sizes, frames = padded_cases(50 + regions, (24, 20), grids)
+    found, _ = check_padded(canvases, grids, sizes, frames, 224, regions, framed=False)
+    assert sum(b[0] != (0, 0, *size) for b, size in zip(found, sizes.tolist())) > len(found) // 2
+
+
+def test_padding_that_would_win_is_never_read():
+    # A 9 x 13 map with a peak near its top-left corner, in a canvas whose padding is 1e30 (it would hold every
+    # window and all the mass) or -1e30 (it would be the minimum suppression writes). Read as part of the map (the
+    # whole canvas as the grid), the 1e30 padding takes the box; with the grid size it changes nothing.
+    rng = np.random.default_rng(60)
+    grid = rng.random((9, 13)).astype(np.float32)
+    grid[2, 3] = 50.0
+    canvases = np.full((3, 16, 16), 1e30, np.float32)
+    canvases[2] = -1e30
+    canvases[:, :9, :13] = grid
+    grids = np.array([[9, 13], [16, 16], [9, 13]], np.int32)
+    size = (1000, 1200)
+    sizes, frames = np.array([size] * 3, np.int32), np.array([(0, 0, *size)] * 3, np.int32)
+    (expected, read, _), (_, mass, suppressed) = check_padded(canvases, grids, sizes, frames, 336, 3)
+    assert expected[0] == select_bbox(grid, size, 336) and read[0] != expected[0]  # the padding would win
+    assert outside_mass(canvases[0], expected[0], size) == 1.0 > mass[0, 0]  # read, the padding has all the mass
+    assert suppressed[2, :9, :13].min() == grid.min()  # not -1e30
+
+
+def test_window_cells_of_a_traced_grid_follow_the_float64_expression():
+    sides = np.arange(1, 6000, 7)
+    side, cells = (a.reshape(-1) for a in np.meshgrid(sides, np.arange(1, 25)))
+    run = jax.jit(jax.vmap(functools.partial(boxes._window_cells_jax, base_size=336, max_cells=24)))
+    device = np.asarray(run(side, cells=cells))
+    host = [[boxes._window_cells(336, r, s, c) for r in RATIOS] for s, c in zip(side.tolist(), cells.tolist())]
+    np.testing.assert_array_equal(device, np.array(host))
+
+
+def test_grid_size_must_be_rows_and_columns():
+    with pytest.raises(ValueError, match="grid_size"):
+        select_bbox_jax(jnp.ones((16, 16)), jnp.array([100, 100]), 336, grid_size=jnp.array([4, 5, 6]))

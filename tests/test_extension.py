@@ -43,7 +43,7 @@ class CentreWeighted(vicrop_jax.MapMethod):
 class WholePromptLlava(LlavaFamily):
     """LLaVA that shares no prefix between prompts: maps and answers from whole prompts."""
 
-    def prefix_length(self, model):
+    def prefix_tokens(self, model):
         return None
 
 

@@ -247,11 +247,11 @@ def test_the_answer_step_takes_any_number_of_crops(model):
     boxes = np.array([[40, 30, 152, 142], [150, 60, 262, 172]], np.int32)
     crop = _vicrop.crop_inputs(model, image, QUESTION, (2,))
     pixels = pixel_values(model, [image])[0]
-    tokens = _pipeline.crop_and_answer(_vicrop.static_model(model), model.params, pixels, crop, boxes,
-                                       max_new_tokens=8)
+    tokens, lengths = _pipeline.crop_and_answer(_vicrop.static_model(model), model.params, pixels, crop, boxes,
+                                                max_new_tokens=8)
     crops = [_vicrop.device_crop(model, image, box) for box in boxes]
     ids, image_text = prompt_inputs(model, model.family.prompt(QUESTION, 3), 3)
     expected = generate_ids(model, np.stack([pixels, *crops]), ids, 8, image_text)
-    assert strip_generated(np.asarray(tokens.with_crops)) == expected
+    assert strip_generated(np.asarray(tokens.with_crops)) == expected and int(lengths[0]) == len(ids)
     ids, image_text = prompt_inputs(model, model.family.prompt(QUESTION), 1)
     assert strip_generated(np.asarray(tokens.original)) == generate_ids(model, pixels[None], ids, 8, image_text)

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
@@ -260,6 +262,14 @@ def rescale_and_normalize(pixels: np.ndarray, config) -> np.ndarray:
         std = np.asarray(config.image_std, dtype=np.float32)
         pixels = (pixels - mean) / std
     return pixels
+
+
+def normalize_crop(crop: jax.Array, normalization: tuple) -> jax.Array:
+    """Crop pixels in [0,255] resized on the device -> model input, as the image processor does after its
+    resize (uint8 rounding); normalization = (rescale factor, mean, std)."""
+    rescale, mean, std = normalization
+    crop = jnp.clip(jnp.round(crop), 0, 255) * rescale
+    return (crop - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def preprocess_batch(images: Iterable[ImageInput], config: ImageProcessorConfig) -> np.ndarray:

@@ -139,18 +139,15 @@ def markdown(summary: dict) -> str:
     return "\n".join(rows)
 
 
-def configs(calibration: dict, method_auto: bool = True) -> list[tuple[str, str, dict]]:
-    """(name, method, eval options) of every run; the gates and `regions="auto"` thresholds as calibrated.
-    `method_auto`: whether method "auto" runs (it chooses between its maps' answers in the device pipeline,
-    which families that crop on the host, as Qwen2.5-VL, do not have)."""
+def configs(calibration: dict) -> list[tuple[str, str, dict]]:
+    """(name, method, eval options) of every run; the gates and `regions="auto"` thresholds as calibrated."""
     runs = [(method, method, {}) for method in METHODS]
     for method in MAP_METHODS:
         runs += [(f"{method} regions=2", method, {"regions": 2}),
                  (f"{method} regions=auto", method, {"regions": AUTO,
                                                      "second_region_mass": calibration["second_region_mass"][method]})]
     runs += [(f"rel_att gate={gate:.3g}", "rel_att", {"gate": gate}) for gate in calibration["gates"]]
-    if method_auto:
-        runs.append(("auto", "auto", {}))
+    runs.append(("auto", "auto", {}))
     runs += [(f"{method} geometry=exact", method, {"geometry": "exact"}) for method in MAP_METHODS]
     for strategy in ZOOM_STRATEGIES:
         runs += [(strategy, strategy, {}),
@@ -357,7 +354,7 @@ def main() -> None:
     calibration = json.loads(calibration_path.read_text())
     model = vicrop_jax.load(args.model)
     results = {name: run(out, data, args.model, name, method, options, args.batch_size)
-               for name, method, options in configs(calibration, model.family.fixed_resolution)}
+               for name, method, options in configs(calibration)}
     single = [r for r in records if kind(r) == "single"]
     single_ids = {r["id"] for r in single}
     scenes = load_scenes(single, data / "images")

@@ -286,10 +286,9 @@ def run_strategy(settings: EvalSettings) -> Strategy:
 
 def batch_answer_fn(model: Model, strategy: Strategy, settings: EvalSettings, mesh: Mesh | None, batch_size: int):
     """Map methods: `answer_batch`'s vmapped program, sharded over `mesh`, one compile per bucket and batch
-    size (the last batch's and a retry's too). Others, and families that crop on the host: `answer` per record,
-    seeded by dataset position."""
+    size (the last batch's and a retry's too). Others: `answer` per record, seeded by dataset position."""
     strategy = resolve_method(model, strategy)
-    if not isinstance(strategy, MapMethod) or settings.high_res or not model.family.fixed_resolution:
+    if not isinstance(strategy, MapMethod) or settings.high_res:
         return lambda prepared: [
             vicrop_jax.answer(model, p.image, p.record.question, strategy,
                               short_question=p.record.short_question, high_res=settings.high_res,

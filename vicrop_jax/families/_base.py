@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vicrop_jax.nn.decoding import bucket_length
-from vicrop_jax.preprocessing import ImageProcessorConfig, preprocess_batch
+from vicrop_jax.preprocessing import ImageProcessorConfig, normalize_crop, preprocess_batch
+from vicrop_jax.vicrop.boxes import crop_and_resize_jax
 
 ReadAttention = Callable[[str], jax.Array]  # sown name -> probabilities [N, T, S] of one prompt
 
@@ -43,6 +44,26 @@ class PromptArrays(NamedTuple):
     image_text: tuple[jax.Array, ...] = ()
     positions: jax.Array | None = None
     position_offset: jax.Array | None = None
+
+
+class PromptSplit(NamedTuple):
+    """A prompt cut after the prefix it shares with the other prompts of its question ([text, first image]): the
+    prefix (ids [P], its true length p <= P: the slots after p are overwritten by the suffix or never attended),
+    the suffix (ids [Ts] written from slot p, its length, its rotary positions and answer offset where they are
+    not its slots) and the features [F, D] of the suffix's images, in the order of their positions."""
+
+    prefix: PromptArrays
+    suffix: PromptArrays
+    features: jax.Array
+
+
+class ImageFeatures(NamedTuple):
+    """One image's LM features [M, D] and, for a family whose token count follows the image's size, its token
+    grid [2] (rows, cols): the first rows * cols features are the image's, the rest padding. `grid` is None where
+    every image has M tokens. Leaves may carry leading axes."""
+
+    features: jax.Array
+    grid: jax.Array | None = None
 
 
 def expand_image_markers(ids: list[int], image_id: int, counts: list[int], marker: str, prompt_function: str
@@ -88,8 +109,8 @@ class Family(abc.ABC):
     """Everything that differs between model families. Subclasses override what their family does otherwise."""
 
     name: str  # for messages and result files, never compared
-    # Whether images enter at one fixed size, so that crops are made and encoded inside the jitted ViCrop programs;
-    # a family at native resolution (Qwen2.5-VL) crops on the host, where the crop's size sets its token count.
+    # Whether images enter at one fixed size, as pixels [H, W, 3] with a fixed token count (lmms-eval's
+    # loglikelihood scorer builds only such prompts); a family at native resolution (Qwen2.5-VL) sizes each image.
     fixed_resolution: ClassVar[bool] = True
     config_class: type  # a frozen config dataclass with `from_hf_config(config.json dict)`
     module_class: type[nn.Module]  # built as module_class(config, dtype=, param_dtype=, attention_kernel=)
@@ -165,9 +186,10 @@ class Family(abc.ABC):
         """Why a prompt cannot run beyond the LM's length limit (checked by the caller), or None."""
         return None
 
-    def prefix_length(self, model) -> int | None:
-        """Length of the `[BOS, image]` prefix that every prompt of a question shares (its KV cache is then
-        computed once), or None where the image's features depend on the prompt."""
+    def prefix_tokens(self, model) -> int | None:
+        """The tokens before the first image's positions in the prefix that every prompt of a question shares
+        (the text and the first image: its KV cache is then computed once), or None where the image's features
+        depend on the prompt."""
         return None
 
     # Image geometry
@@ -192,6 +214,82 @@ class Family(abc.ABC):
         """The LM features [M, D] of one prompt's image(s) (pixels [H,W,3] of one image here)."""
         return module.apply({"params": params}, pixels[None], *(text[None] for text in prompt.image_text),
                             method="encode_images")[0]
+
+    # The device pipeline's answers (`vicrop/_pipeline.py`): crops, their features, the prompts over them
+    def map_batch(self, model, images: list, questions: list[str], method) -> tuple[Any, PromptArrays,
+                                                                                    PromptArrays, Any]:
+        """A batch's map inputs, stacked: (pixels, question prompts, general prompts, pure-grad's masks or
+        None), in one image size and one prompt bucket."""
+        *question_arrays, general = self.prompt_arrays(
+            model, [self.prompt(q) for q in questions] + [self.prompt(method.general_question)])
+        high_pass = [method.high_pass(image, model.config.image_size) for image in images]
+        return (preprocess_batch(images, model.image_config), stack_arrays(question_arrays),
+                stack_arrays([general] * len(images)), None if high_pass[0] is None else np.stack(high_pass))
+
+    def answer_batch_prompts(self, model, images: list, questions: list[str], counts: tuple[int, ...],
+                             base_size: int, boxes=None) -> tuple[tuple[PromptArrays, ...], PromptArrays, Any, Any]:
+        """A batch's answer prompts, stacked: per crop count the prompts over the original and that many crops,
+        the prompts over the original alone, and what a family at native resolution needs to size its crops on
+        the device (the crop sizes it may meet and the static `CropGeometry`; None, None here)."""
+        with_crops = tuple(stack_arrays(self.prompt_arrays(model, [self.prompt(q, 1 + count) for q in questions],
+                                                           num_images=1 + count))
+                           for count in counts)
+        return with_crops, stack_arrays(self.prompt_arrays(model, [self.prompt(q) for q in questions])), None, None
+
+    def answer_pixels(self, model, images: list) -> Any:
+        """The originals as the answers' encoder takes them, stacked (as `map_batch` makes them)."""
+        return preprocess_batch(images, model.image_config)
+
+    def crop_views(self, static, crop, boxes: jax.Array, dtype) -> Any:
+        """The encoder's inputs [K, ...] of the boxes [K, 4] of one record's full-resolution image (`CropInputs`),
+        made as the image processor would make them (a loop over K, not vmap: the crop's window branch stays a
+        branch)."""
+        size = static.config.image_size
+
+        def one(box):
+            pixels = crop_and_resize_jax(crop.image, crop.image_size, self.processor_box(box), (size, size))
+            return normalize_crop(pixels, static.normalization).astype(dtype)
+
+        return jnp.stack([one(boxes[k]) for k in range(boxes.shape[0])])
+
+    def answer_features(self, module: nn.Module, params: Any, pixels: jax.Array, crops: Any, prompt: PromptArrays
+                        ) -> tuple[ImageFeatures, ImageFeatures]:
+        """The features of the original (pixels, as the map read it) and of the crops ([K] leading) for the
+        answers, each image encoded with the prompt's image text."""
+        images = jnp.concatenate([pixels[None], crops])
+        text = tuple(jnp.broadcast_to(t, (images.shape[0], *t.shape)) for t in prompt.image_text)
+        features = module.apply({"params": params}, images, *text, method="encode_images")
+        return ImageFeatures(features[0]), ImageFeatures(features[1:])
+
+    def crop_features(self, module: nn.Module, params: Any, crops: Any) -> ImageFeatures:
+        """The features [K, M, D] of crops whose original is already encoded (a family with a shared prefix)."""
+        return ImageFeatures(module.apply({"params": params}, crops, method="encode_images"))
+
+    def original_features(self, module: nn.Module, params: Any, pixels: Any, prompt: PromptArrays
+                          ) -> ImageFeatures:
+        """The features of the original image (a family with a shared prefix)."""
+        return ImageFeatures(module.apply({"params": params}, pixels[None], method="encode_images")[0])
+
+    def split_prompt(self, config: Any, prompt: PromptArrays, images: list[ImageFeatures], prefix_tokens: int
+                     ) -> PromptSplit:
+        """A prompt over `images` (the original first) cut after the shared prefix: every image has its fixed
+        token count, so the cut is static."""
+        cut = prefix_tokens + images[0].features.shape[0]
+        later = [image.features for image in images[1:]] or [images[0].features]  # a suffix without images
+        return PromptSplit(PromptArrays(prompt.ids[:cut], jnp.int32(cut)),
+                           PromptArrays(prompt.ids[cut:], prompt.length - cut), jnp.concatenate(later))
+
+    def answer_prompt(self, config: Any, prompt: PromptArrays, images: list[ImageFeatures]
+                      ) -> tuple[PromptArrays, jax.Array]:
+        """A prompt over these images as the LM takes it, and their features [P, D] in the order of its image
+        positions (fixed token counts: the prompt as built on the host, the features concatenated)."""
+        return prompt, jnp.concatenate([image.features for image in images])
+
+    def map_canvases(self, config: Any, maps: jax.Array, prompt: PromptArrays, geometry
+                     ) -> tuple[jax.Array, jax.Array | None]:
+        """A map program's maps [C, ...] as grids [C, gh, gw] for the box selection, and the grid's size [2] where
+        the grids are padded canvases (None: they are the maps' own grids)."""
+        return maps, None
 
     def pixel_gradient_map(self, config: Any, gradients: jax.Array, high_pass: jax.Array,
                            prompt: PromptArrays) -> jax.Array:

@@ -28,8 +28,8 @@ class LlavaFamily(Family):
         return expand_image_markers(model.tokenizer.encode(prompt), model.config.image_token_id, counts,
                                     IMAGE_MARKER, "llava_prompt"), ()
 
-    def prefix_length(self, model) -> int:
-        return len(self.prompt_inputs(model, IMAGE_MARKER, 1)[0])
+    def prefix_tokens(self, model) -> int:
+        return self.prompt_inputs(model, IMAGE_MARKER, 1)[0].index(model.config.image_token_id)
 
     def processor_box(self, box: jax.Array) -> jax.Array:
         """CLIP resizes the shortest edge and center-crops a square: the box's centered square is what it keeps."""

@@ -20,9 +20,8 @@ import jax
 import numpy as np
 import PIL.Image
 
-from vicrop_jax._generation import ImageLike, generate_ids, pixel_values, prompt_problem
+from vicrop_jax._generation import ImageLike, generate_ids, prompt_problem
 from vicrop_jax._loading import Model
-from vicrop_jax.families import stack_arrays
 from vicrop_jax.nn.decoding import strip_generated
 from vicrop_jax.preprocessing import load_image
 from vicrop_jax.prompts import NO_WORD, YES_WORD
@@ -109,13 +108,14 @@ def static_model(model: Model) -> StaticModel:
     config = model.image_config
     normalization = (config.rescale_factor, tuple(config.image_mean), tuple(config.image_std))
     return StaticModel(model.module, model.family, normalization, model.config.text.eos_token_ids,
-                       model.family.prefix_length(model))
+                       model.family.prefix_tokens(model))
 
 
 def image_array(image: PIL.Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """Full-resolution pixels zero-padded to a size bucket (one compile per bucket), and the true (W, H)."""
+    """Full-resolution pixels zero-padded to a size bucket, each side to a power of two of at least IMAGE_BUCKET
+    (one compile per bucket: few for a dataset of any sizes), and the true (W, H)."""
     width, height = image.size
-    bucket = lambda n: -(-n // IMAGE_BUCKET) * IMAGE_BUCKET  # noqa: E731
+    bucket = lambda side: max(IMAGE_BUCKET, 1 << (side - 1).bit_length())  # noqa: E731
     padded = np.zeros((bucket(height), bucket(width), 3), np.uint8)
     padded[:height, :width] = np.asarray(image)
     return padded, np.array([width, height], np.int32)
@@ -125,26 +125,32 @@ def map_inputs(model: Model, image: PIL.Image.Image, question: str, method: MapM
     return MapInputs(*model.family.map_inputs(model, image, question, method))
 
 
-def crop_prompts(model: Model, questions: list[str], counts: tuple[int, ...]) -> tuple[list, ...]:
-    """Per crop count, the prompts over the original and that many crops, one per question, in one bucket."""
-    family = model.family
-    return tuple(family.prompt_arrays(model, [family.prompt(q, 1 + count) for q in questions], num_images=1 + count)
-                 for count in counts)
+def crop_batch(model: Model, images: list[PIL.Image.Image], questions: list[str], counts: tuple[int, ...],
+               boxes=None) -> CropInputs:
+    """The crop step's inputs of a batch (a leading axis on every leaf), with the prompt of each number of crops
+    in `counts`; `boxes`: each record's boxes where they are given rather than selected."""
+    arrays = [image_array(image) for image in images]
+    padded = np.zeros((len(images), max(a.shape[0] for a, _ in arrays), max(a.shape[1] for a, _ in arrays), 3),
+                      np.uint8)
+    for i, (array, _) in enumerate(arrays):
+        padded[i, : array.shape[0], : array.shape[1]] = array
+    prompts = model.family.answer_batch_prompts(model, images, questions, counts, base_size(model), boxes)
+    return CropInputs(padded, np.stack([size for _, size in arrays]), *prompts)
 
 
-def crop_inputs(model: Model, image: PIL.Image.Image, question: str, counts: tuple[int, ...] = (1,)) -> CropInputs:
+def crop_inputs(model: Model, image: PIL.Image.Image, question: str, counts: tuple[int, ...] = (1,),
+                boxes=None) -> CropInputs:
     """The crop step's inputs of one record, with the prompt of each number of crops in `counts`."""
-    family = model.family
-    prompts = tuple(prompt for [prompt] in crop_prompts(model, [question], counts))
-    [original_prompt] = family.prompt_arrays(model, [family.prompt(question)])
-    return CropInputs(*image_array(image), prompts, original_prompt)
+    return jax.tree_util.tree_map(lambda leaf: leaf[0], crop_batch(model, [image], [question], counts,
+                                                                   None if boxes is None else [boxes]))
 
 
 def device_crop(model: Model, image: ImageLike, box: Sequence[int]) -> np.ndarray:
-    """The model input [H,W,3] the device path makes of one box of an image."""
+    """The model input the device path makes of one box of an image (fixed-size families: pixels [H,W,3])."""
     image = load_image(image)
-    crop = crop_inputs(model, image, "")
-    return np.asarray(_pipeline.crop_pixels(static_model(model), crop, np.asarray([box], np.int32), np.float32)[0])
+    crop = crop_inputs(model, image, "", boxes=[tuple(box)])
+    views = model.family.crop_views(static_model(model), crop, np.asarray([box], np.int32), np.float32)
+    return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[0]), views)
 
 
 def _single_map(model: Model, image: PIL.Image.Image, question: str, method: MapMethod) -> tuple[np.ndarray, Cost]:
@@ -245,12 +251,12 @@ def answer(model: Model, image: ImageLike, question: str, method: str | Strategy
     map_question = short_question or question
     if isinstance(strategy, MapMethod):
         tiled = high_res and max(image.size) > HIGH_RES_THRESHOLD
-        if device_pipeline and model.family.fixed_resolution and not tiled:
+        if device_pipeline and not tiled:
             inputs = map_inputs(model, image, map_question, strategy)
             crop = crop_inputs(model, image, question, strategy.crop_counts)
             out = _pipeline.pipeline(static, model.params, inputs, crop, method=strategy,
                                      max_new_tokens=max_new_tokens, reuse_question_pass=short_question is None)
-            return _pipeline_answer(model, strategy, jax.device_get(out), (inputs, crop),
+            return _pipeline_answer(model, strategy, jax.device_get(out), (inputs, crop), image,
                                     {"total": time.perf_counter() - start})
     found = host_boxes(model, image, map_question, strategy, high_res=high_res, bbox=bbox, seed=seed)
     map_done = time.perf_counter()
@@ -263,13 +269,13 @@ def answer(model: Model, image: ImageLike, question: str, method: str | Strategy
 def answers_with_crops(model: Model, image: PIL.Image.Image, question: str, boxes, max_new_tokens: int,
                        device_pipeline: bool = True) -> tuple[tuple[str, str], Cost]:
     """(the answer with the boxes' crops as extra images, the answer from the original alone), and the cost of
-    the first: cropped and encoded on the device where the family's images enter at one size, else by the
-    processor."""
-    if device_pipeline and model.family.fixed_resolution:
-        crop = crop_inputs(model, image, question, (len(boxes),))
-        tokens = _pipeline.crop_and_answer(static_model(model), model.params, pixel_values(model, [image])[0], crop,
-                                           np.asarray(boxes, np.int32), max_new_tokens=max_new_tokens)
-        lengths = (int(crop.crop_prompts[0].length), int(crop.original_prompt.length))
+    the first: cropped and encoded on the device, or (`device_pipeline=False`) by the image processor."""
+    if device_pipeline:
+        crop = crop_inputs(model, image, question, (len(boxes),), boxes=[_box(box) for box in boxes])
+        tokens, lengths = jax.device_get(_pipeline.crop_and_answer(
+            static_model(model), model.params, model.family.answer_pixels(model, [image])[0], crop,
+            np.asarray(boxes, np.int32), max_new_tokens=max_new_tokens))
+        lengths = tuple(int(length) for length in lengths)
         tokens = (strip_generated(np.asarray(tokens.with_crops)), strip_generated(np.asarray(tokens.original)))
     else:
         inputs = [model.family.generation_inputs(model, images, model.family.prompt(question, len(images)), vicrop=True)
@@ -356,21 +362,20 @@ def _zoom_answer(model: Model, image: PIL.Image.Image, question: str, strategy: 
     return Answer(*texts, tuple(_box(box) for box in found.boxes), found.importance, timings, cost=found.cost + cost)
 
 
-def _pipeline_answer(model: Model, strategy: MapMethod, out, records: tuple[MapInputs, CropInputs], timings: dict,
-                     index=()) -> Answer:
+def _pipeline_answer(model: Model, strategy: MapMethod, out, records: tuple[MapInputs, CropInputs],
+                     image: PIL.Image.Image, timings: dict, index=()) -> Answer:
     """An Answer from (one record `index` of) a pipeline program's output and its inputs (`records`), on the
     host."""
     at = lambda array: np.asarray(array)[index]  # noqa: E731
     regions = int(at(out.choice.regions))
     chosen = strategy.candidate_names[int(at(out.choice.candidate))] if strategy.candidate_names else None
     tokens = [strip_generated(at(out.answers.with_crops)), strip_generated(at(out.answers.original))]
-    inputs, crop = records
-    candidates = max(1, len(strategy.candidate_names))  # each prefills its crops' prompts, one is decoded
-    crop_lengths = [int(at(prompt.length)) for prompt in crop.crop_prompts]
-    answers = Cost(candidates * len(crop_lengths), candidates * sum(crop_lengths), len(tokens[0]))
+    inputs, _ = records
+    crop_lengths = at(out.crop_lengths)  # each candidate prefills its crops' prompts, one is decoded
+    answers = Cost(crop_lengths.size, int(crop_lengths.sum()), len(tokens[0]))
     cost = strategy.map_cost(int(at(inputs.question.length)), int(at(inputs.general.length))) + answers
     return Answer(*(model.tokenizer.decode(t) for t in tokens), tuple(_box(box) for box in at(out.boxes)[:regions]),
-                  at(out.importance), dict(timings), chosen=chosen, cost=cost)
+                  model.family.host_map(model, image, at(out.importance)), dict(timings), chosen=chosen, cost=cost)
 
 
 def map_frame(model: Model, image_size: tuple[int, int], strategy: MapMethod) -> Box | None:
@@ -385,10 +390,8 @@ def host_boxes(model: Model, image: PIL.Image.Image, question: str, strategy: St
     """The boxes a map method, a crop baseline or a zoom strategy (looking for `target`) chooses, on the host
     path, with the map (None for baselines) and the model passes it took."""
     if isinstance(strategy, MapMethod) and strategy.candidate_names:
-        remedy = "use device_pipeline=True, or" if model.family.fixed_resolution else (
-            f"{model.family.name} crops on the host, where there is no such choice: use")
         raise ValueError(f"method {strategy.name!r} chooses between its maps' answers on the device: it has no "
-                         f"single box on the host path ({remedy} one of its map methods "
+                         f"single box on the host path (use device_pipeline=True, or one of its map methods "
                          f"{', '.join(strategy.candidate_names)})")
     if isinstance(strategy, MapMethod):
         _check_question(model, question, 0, answered=False)
@@ -433,24 +436,8 @@ def _generated(model: Model, inputs, max_new_tokens: int) -> list[int]:
 def batch_inputs(model: Model, images: list[PIL.Image.Image], questions: list[str], map_questions: list[str],
                  method: MapMethod) -> tuple[MapInputs, CropInputs]:
     """Device inputs of `pipeline_batch`: images padded to one size bucket, prompts to one length bucket."""
-    family = model.family
-    arrays = [image_array(image) for image in images]
-    padded = np.zeros((len(images), max(a.shape[0] for a, _ in arrays), max(a.shape[1] for a, _ in arrays), 3),
-                      np.uint8)
-    for i, (array, _) in enumerate(arrays):
-        padded[i, : array.shape[0], : array.shape[1]] = array
-    *map_prompts, general = family.prompt_arrays(
-        model, [family.prompt(q) for q in map_questions] + [family.prompt(method.general_question)])
-    high_pass = [method.high_pass(image, model.config.image_size) for image in images]
-    inputs = MapInputs(pixel_values(model, images), stack_arrays(map_prompts),
-                       stack_arrays([general] * len(images)),
-                       None if high_pass[0] is None else np.stack(high_pass))
-    crop = CropInputs(
-        padded, np.stack([size for _, size in arrays]),
-        tuple(stack_arrays(prompts) for prompts in crop_prompts(model, questions, method.crop_counts)),
-        stack_arrays(family.prompt_arrays(model, [family.prompt(q) for q in questions])),
-    )
-    return inputs, crop
+    return (MapInputs(*model.family.map_batch(model, images, map_questions, method)),
+            crop_batch(model, images, questions, method.crop_counts))
 
 
 def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[str],
@@ -492,7 +479,7 @@ def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[
                 problem = f"unreadable image: {error}"
         if problem is not None:
             failures.append((i, problem))
-    if not isinstance(strategy, MapMethod) or high_res or not model.family.fixed_resolution:
+    if not isinstance(strategy, MapMethod) or high_res:
         for i, image, question, short in ready:
             try:
                 answers[i] = answer(model, image, question, strategy, short_question=short, high_res=high_res,
@@ -585,4 +572,4 @@ def _run_group(model: Model, images: list[PIL.Image.Image], questions: list[str]
     ))
     elapsed = time.perf_counter() - start
     timings = {"total": elapsed / count, "batch": elapsed, "batch_records": count}  # this record's share, the batch
-    return [_pipeline_answer(model, method, out, records, timings, i) for i in range(count)]
+    return [_pipeline_answer(model, method, out, records, images[i], timings, i) for i in range(count)]

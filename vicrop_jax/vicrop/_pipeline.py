@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 from jaxlib.version import __version_info__ as jaxlib_version
 
-from vicrop_jax._generation import encode_images
 from vicrop_jax.families import PromptArrays
+from vicrop_jax.families._base import ImageFeatures
 from vicrop_jax.nn.decoding import decode_from, prefill, stack_prompts
-from vicrop_jax.vicrop.boxes import crop_and_resize_jax, outside_mass_jax, select_boxes_jax
+from vicrop_jax.vicrop.boxes import outside_mass_jax, select_boxes_jax
 from vicrop_jax.vicrop.maps import PrefixMap, StaticModel, prefill_prefix, run_plain, split_prompt, suffix_run
 from vicrop_jax.vicrop.methods import Geometry, MapMethod
 
@@ -56,6 +56,8 @@ class CropInputs(NamedTuple):
     image_size: jax.Array  # [2] the true (W, H)
     crop_prompts: tuple[PromptArrays, ...]  # the prompt over the original and c crops, per c of `crop_counts`
     original_prompt: PromptArrays  # the prompt over the original alone
+    crop_sizes: jax.Array | None = None  # a family at native resolution: the crop sizes it may meet and their
+    geometry: Any = None  # processed sizes [C, 4], and the static shapes of its crops (a pytree without leaves)
 
 
 class AnswerPasses(NamedTuple):
@@ -64,6 +66,7 @@ class AnswerPasses(NamedTuple):
     logits: jax.Array  # [..., 2, V] at the last prompt position
     caches: Any  # KVCache stacked [..., 2]
     lengths: jax.Array  # [..., 2]
+    position_offsets: jax.Array | None = None  # [..., 2] multimodal RoPE's answer offsets, None without
 
 
 class AnswerTokens(NamedTuple):
@@ -80,29 +83,11 @@ class Choice(NamedTuple):
 
 
 class PipelineOutput(NamedTuple):
-    importance: jax.Array  # [..., gh, gw] the chosen candidate's map
+    importance: jax.Array  # [..., gh, gw] the chosen candidate's map (as the family's map program gives it)
     boxes: jax.Array  # [..., K, 4] (left, top, right, bottom) in original pixels, the first `choice.regions` cropped
     answers: AnswerTokens
     choice: Choice
-
-
-def normalize_crop(crop: jax.Array, normalization: tuple) -> jax.Array:
-    """Crop pixels in [0,255] -> model input, as the image processor does after its resize (uint8 rounding)."""
-    rescale, mean, std = normalization
-    crop = jnp.clip(jnp.round(crop), 0, 255) * rescale
-    return (crop - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
-def crop_pixels(static: StaticModel, crop: CropInputs, boxes: jax.Array, dtype) -> jax.Array:
-    """The boxes [K,4] of the full-resolution image as model inputs [K,H,W,3], as the image processor would make
-    them (a loop over K, not vmap: the crop's window branch stays a branch)."""
-    size = static.config.image_size
-
-    def one(box):
-        pixels = crop_and_resize_jax(crop.image, crop.image_size, static.family.processor_box(box), (size, size))
-        return normalize_crop(pixels, static.normalization).astype(dtype)
-
-    return jnp.stack([one(boxes[k]) for k in range(boxes.shape[0])])
+    crop_lengths: jax.Array  # [..., M, counts] the length of each candidate's prompt of each crop count
 
 
 def first_token_confidence(logits: jax.Array) -> jax.Array:
@@ -116,62 +101,68 @@ def _take(tree, index):
 
 def answer_passes(static: StaticModel, params, pixels, boxes, crop: CropInputs, cache_length: int,
                   counts: tuple[int, ...], count_choice: jax.Array, prefix: PrefixMap | None = None,
-                  reuse_question_pass: bool = False) -> tuple[AnswerPasses, Choice]:
+                  reuse_question_pass: bool = False) -> tuple[AnswerPasses, Choice, jax.Array]:
     """Crop each candidate's boxes [M, K, 4], encode the original and the crops, prefill both answers' prompts.
 
     Candidate m answers with its first c crops, c = `counts[count_choice[m]]` (`crop.crop_prompts` holds one
     prompt per count); of several candidates, the one whose first answer token is the most probable is kept.
     Where the family shares a prefix, it is prefilled once (or taken from the map's `prefix`) and each prompt
-    runs its suffix; the original answer reuses the map's question pass when asked to.
+    runs its suffix; the original answer reuses the map's question pass when asked to. Also returns the length of
+    each candidate's prompt of each count [M, counts].
     """
-    module, (candidates, regions) = static.module, boxes.shape[:2]
-    encode = functools.partial(encode_images, module, params)
-    crops = jnp.concatenate([crop_pixels(static, crop, boxes[m], pixels.dtype) for m in range(candidates)])
+    module, family, (candidates, regions) = static.module, static.family, boxes.shape[:2]
+    crops = family.crop_views(static, crop, boxes.reshape(-1, 4), pixels.dtype)
     question_pass, cache = None, None
-    if static.prefix_length is None:
-        images = jnp.concatenate([pixels[None], crops])
-        text = tuple(jnp.broadcast_to(t, (images.shape[0], *t.shape)) for t in crop.original_prompt.image_text)
-        features = encode(images, *text)
-        original, crop_features = features[0], features[1:]
-    elif prefix is None:
-        features = encode(jnp.concatenate([pixels[None], crops]))
-        original, crop_features = features[0], features[1:]
-        cache = prefill_prefix(module, params, original, crop.original_prompt.ids[: static.prefix_length],
-                               cache_length)
+    if prefix is None:
+        original, crop_features = family.answer_features(module, params, pixels, crops, crop.original_prompt)
+        if static.prefix_tokens is not None:
+            split = split_prompt(static, crop.original_prompt, [original])
+            cache = prefill_prefix(module, params, original.features, split.prefix, cache_length)
     else:
-        original, cache, crop_features = prefix.features, prefix.cache, encode(crops)
+        original, cache, crop_features = prefix.features, prefix.cache, family.crop_features(module, params, crops)
         question_pass = prefix.question_pass if reuse_question_pass else None
-    crop_features = crop_features.reshape(candidates, regions, *crop_features.shape[1:])
+    crop_features = jax.tree_util.tree_map(lambda leaf: leaf.reshape(candidates, regions, *leaf.shape[1:]),
+                                           crop_features)
 
-    def prompt_pass(prompt: PromptArrays, image_features):
-        flat = image_features.reshape(-1, image_features.shape[-1])
+    def prompt_pass(prompt: PromptArrays, images: list[ImageFeatures]):
+        """(logits, cache, length, rotary offset) of a prompt over the images (the original first), after the
+        shared prefix where there is one."""
         if cache is None:
-            return prefill(module, params, prompt.ids, prompt.length, flat, cache_length)
-        return tuple(run_plain(module, params, suffix_run(cache, static.prefix_length,
-                                                          *split_prompt(prompt, static.prefix_length), flat)))
+            prompt, features = family.answer_prompt(static.config, prompt, images)
+            logits, new_cache = prefill(module, params, prompt.ids, prompt.length, features, cache_length,
+                                        prompt.positions)
+            return logits, new_cache, prompt.length, prompt.position_offset
+        split = split_prompt(static, prompt, images)
+        logits, new_cache = run_plain(module, params, suffix_run(cache, split))
+        return logits, new_cache, split.prefix.length + split.suffix.length, split.suffix.position_offset
 
     def with_crops(m):
-        """Candidate m's pass with the crop count it chose: all counts prefilled, one kept."""
-        passes = [prompt_pass(prompt, jnp.concatenate([original[None], crop_features[m, :count]])
-                              if cache is None else crop_features[m, :count])
+        """Candidate m's pass with the crop count it chose (all counts prefilled, one kept), and every count's
+        prompt length."""
+        crops_of = lambda count: [jax.tree_util.tree_map(lambda leaf: leaf[m, i], crop_features)  # noqa: E731
+                                  for i in range(count)]
+        passes = [prompt_pass(prompt, [original] + crops_of(count))
                   for prompt, count in zip(crop.crop_prompts, counts)]
-        lengths = jnp.stack([prompt.length for prompt in crop.crop_prompts])
+        lengths = jnp.stack([length for _, _, length, _ in passes])
         if len(passes) == 1:
-            return passes[0], lengths[0]
-        return _take(stack_prompts(*passes), count_choice[m]), lengths[count_choice[m]]
+            return passes[0], lengths
+        return _take(stack_prompts(*passes), count_choice[m]), lengths
 
     chosen = [with_crops(m) for m in range(candidates)]
+    crop_lengths = jnp.stack([lengths for _, lengths in chosen])
     if candidates == 1:
-        (crop_pass, length), pick = chosen[0], jnp.int32(0)
+        crop_pass, pick = chosen[0][0], jnp.int32(0)
     else:
-        confidences = jnp.stack([first_token_confidence(logits) for (logits, _), _ in chosen])
+        confidences = jnp.stack([first_token_confidence(logits) for (logits, *_), _ in chosen])
         pick = jnp.argmax(confidences).astype(jnp.int32)
-        crop_pass, length = _take(stack_prompts(*chosen), pick)
+        crop_pass = _take(stack_prompts(*(passed for passed, _ in chosen)), pick)
     if question_pass is None:
-        question_pass = prompt_pass(crop.original_prompt, original)
-    logits, caches = stack_prompts(tuple(crop_pass), tuple(question_pass))
+        question_pass = prompt_pass(crop.original_prompt, [original])
+    else:
+        question_pass = (*question_pass, crop.original_prompt.length, crop.original_prompt.position_offset)
+    logits, caches, lengths, offsets = stack_prompts(tuple(crop_pass), tuple(question_pass))
     choice = Choice(pick, jnp.asarray(counts, jnp.int32)[count_choice[pick]], first_token_confidence(logits[0]))
-    return AnswerPasses(logits, caches, jnp.stack([length, crop.original_prompt.length])), choice
+    return AnswerPasses(logits, caches, lengths, offsets), choice, crop_lengths
 
 
 def decode_answers(static: StaticModel, params, passes: AnswerPasses, max_new_tokens: int) -> AnswerTokens:
@@ -179,14 +170,15 @@ def decode_answers(static: StaticModel, params, passes: AnswerPasses, max_new_to
     (a loop inside vmap would copy its caches)."""
     lead = passes.lengths.shape
     flat = lambda a: a.reshape(-1, *a.shape[len(lead):])  # noqa: E731
+    offsets = None if passes.position_offsets is None else flat(passes.position_offsets)
     tokens = decode_from(static.module, params, flat(passes.logits), jax.tree_util.tree_map(flat, passes.caches),
-                         flat(passes.lengths), max_new_tokens, static.eos_ids).reshape(*lead, max_new_tokens)
+                         flat(passes.lengths), max_new_tokens, static.eos_ids, offsets).reshape(*lead, max_new_tokens)
     return AnswerTokens(tokens[..., 0, :], tokens[..., 1, :])
 
 
 def map_program(static: StaticModel, params, inputs: MapInputs, cache_length: int, method: MapMethod):
     """The method's map (the family's path) -> (importance, PrefixMap or None)."""
-    if static.prefix_length is None:
+    if static.prefix_tokens is None:
         return method.whole_prompt_map(static, params, *inputs), None
     prefix = method.prefix_map(static, params, *inputs, cache_length)
     return prefix.importance, prefix
@@ -204,22 +196,25 @@ def map_frame(static: StaticModel, image_size: jax.Array, method: MapMethod) -> 
 def _map_passes(static: StaticModel, params, inputs: MapInputs, crop: CropInputs, *, method: MapMethod,
                 max_new_tokens: int, reuse_question_pass: bool):
     """map(s) -> boxes -> crops -> the answers' prefills for one record, as traced device code."""
+    family = static.family
     cache_length = max(prompt.ids.shape[0] for prompt in crop.crop_prompts) + max_new_tokens
     importance, prefix = map_program(static, params, inputs, cache_length, method)
-    maps = importance.reshape(-1, *importance.shape[-2:])  # [M, gh, gw]: one per candidate
+    maps = importance if method.candidate_names else importance[None]  # [M, ...]: one per candidate
+    grids, grid_size = family.map_canvases(static.config, maps, inputs.question, crop.geometry)
     frame = map_frame(static, crop.image_size, method)
-    counts = method.crop_counts
-    boxes = jnp.stack([select_boxes_jax(m, crop.image_size, static.config.image_size, max(counts), frame)
-                       for m in maps])
+    counts, base = method.crop_counts, family.crop_size(static.config)
+    boxes = jnp.stack([select_boxes_jax(grid, crop.image_size, base, max(counts), frame, grid_size=grid_size)
+                       for grid in grids])
     if len(counts) == 1:
-        count_choice = jnp.zeros(len(maps), jnp.int32)
+        count_choice = jnp.zeros(len(grids), jnp.int32)
     else:  # regions="auto": the second box when the map's mass outside the first passes the threshold
         count_choice = jnp.stack([
-            (outside_mass_jax(m, b[0], crop.image_size, frame) > method.second_region_mass).astype(jnp.int32)
-            for m, b in zip(maps, boxes)])
-    passes, choice = answer_passes(static, params, inputs.pixels, boxes, crop, cache_length, counts, count_choice,
-                                   prefix, reuse_question_pass)
-    return maps[choice.candidate], boxes[choice.candidate], passes, choice
+            (outside_mass_jax(grid, b[0], crop.image_size, frame, grid_size=grid_size)
+             > method.second_region_mass).astype(jnp.int32)
+            for grid, b in zip(grids, boxes)])
+    passes, choice, crop_lengths = answer_passes(static, params, inputs.pixels, boxes, crop, cache_length, counts,
+                                                 count_choice, prefix, reuse_question_pass)
+    return maps[choice.candidate], boxes[choice.candidate], passes, choice, crop_lengths
 
 
 def _jit_per_method(fun, **jit_options):
@@ -241,10 +236,11 @@ _STATIC = ("static", "method", "max_new_tokens", "reuse_question_pass")
 def pipeline(static: StaticModel, params, inputs: MapInputs, crop: CropInputs, *, method: MapMethod,
              max_new_tokens: int, reuse_question_pass: bool) -> PipelineOutput:
     """map -> boxes -> crops -> (map, boxes, answers with the crops and without, choices) for one record."""
-    importance, boxes, passes, choice = _map_passes(static, params, inputs, crop, method=method,
-                                                    max_new_tokens=max_new_tokens,
-                                                    reuse_question_pass=reuse_question_pass)
-    return PipelineOutput(importance, boxes, decode_answers(static, params, passes, max_new_tokens), choice)
+    importance, boxes, passes, choice, crop_lengths = _map_passes(static, params, inputs, crop, method=method,
+                                                                  max_new_tokens=max_new_tokens,
+                                                                  reuse_question_pass=reuse_question_pass)
+    return PipelineOutput(importance, boxes, decode_answers(static, params, passes, max_new_tokens), choice,
+                          crop_lengths)
 
 
 @functools.partial(_jit_per_method, static_argnames=_STATIC)
@@ -254,8 +250,9 @@ def pipeline_batch(static: StaticModel, params, inputs: MapInputs, crop: CropInp
     then one decoding loop for all 2 x batch answers."""
     one = functools.partial(_map_passes, static, params, method=method, max_new_tokens=max_new_tokens,
                             reuse_question_pass=reuse_question_pass)
-    importance, boxes, passes, choice = jax.vmap(one)(inputs, crop)
-    return PipelineOutput(importance, boxes, decode_answers(static, params, passes, max_new_tokens), choice)
+    importance, boxes, passes, choice, crop_lengths = jax.vmap(one)(inputs, crop)
+    return PipelineOutput(importance, boxes, decode_answers(static, params, passes, max_new_tokens), choice,
+                          crop_lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "max_new_tokens"))
@@ -288,12 +285,12 @@ def whole_prompt_program(static: StaticModel, params, inputs: MapInputs, *, meth
 
 @functools.partial(jax.jit, static_argnames=("static", "max_new_tokens"))
 def crop_and_answer(static: StaticModel, params, pixels, crop: CropInputs, boxes, *, max_new_tokens: int):
-    """Crop given boxes [K,4], encode the original and the crops, both answers (`crop.crop_prompts`: the
-    prompt over the original and the K crops)."""
+    """Crop given boxes [K,4], encode the original and the crops -> (both answers, their prompts' lengths [2])
+    (`crop.crop_prompts`: the prompt over the original and the K crops)."""
     cache_length = crop.crop_prompts[0].ids.shape[0] + max_new_tokens
-    passes, _ = answer_passes(static, params, pixels, boxes[None], crop, cache_length, (boxes.shape[0],),
-                              jnp.zeros(1, jnp.int32))
-    return decode_answers(static, params, passes, max_new_tokens)
+    passes, _, _ = answer_passes(static, params, pixels, boxes[None], crop, cache_length, (boxes.shape[0],),
+                                 jnp.zeros(1, jnp.int32))
+    return decode_answers(static, params, passes, max_new_tokens), passes.lengths
 
 
 def compiled_programs() -> int:

@@ -31,7 +31,11 @@ clamp is to the whole image, so a box may reach past the frame into the rest of 
 Several regions (`select_boxes`): box k is the published rule on the map with every cell that meets boxes 0..k-1 set
 to the map's minimum (`suppress`), and `outside_mass` is the share of the positive mass a box leaves out, to tell
 whether another region is worth a crop. Which cells meet a box is decided in integers, and the device runs
-`_pairwise_sum` itself for the mass, so these too agree bit for bit.
+`_pairwise_sum`'s tree itself for the mass, so these too agree bit for bit.
+
+The device functions also take a map padded into a larger static canvas, its grid (gh, gw) a traced `grid_size`, so
+maps of different grids share one program: a window that fits the grid reads its cells in the same order, and the
+padding is never read, whatever it holds.
 
 Accelerators flush float32 subnormals to zero, so both sides treat map values below 1.2e-38 in magnitude as 0.
 Image sizes are (W, H) and boxes (left, top, right, bottom), PIL's crop convention, everywhere.
@@ -120,22 +124,29 @@ def _half(base_size: int, ratio: float) -> int:
     return int((base_size * ratio) // 2)
 
 
-def _cells_in_box(shape: tuple[int, int], box, frame, xp) -> np.ndarray | jax.Array:
-    """[gh, gw] bool: the cells whose span in the frame meets the box, for host (xp = np) and device (xp = jnp)."""
+def _cells_in_box(shape, box, frame, xp, canvas: tuple[int, int] | None = None) -> np.ndarray | jax.Array:
+    """[gh, gw] bool: the cells whose span in the frame meets the box, for host (xp = np) and device (xp = jnp).
+
+    On the device the grid (gh, gw) = shape may be traced and lie in a static canvas (Gh, Gw): the result is then
+    [Gh, Gw], False outside the grid.
+    """
     rows, cols = shape
+    height, width = shape if canvas is None else canvas
     left, top, right, bottom = box
     x0, y0, x1, y1 = frame
-    return _meets(top, bottom, y0, y1 - y0, rows, xp)[:, None] & _meets(left, right, x0, x1 - x0, cols, xp)[None, :]
+    return (_meets(top, bottom, y0, y1 - y0, rows, height, xp)[:, None]
+            & _meets(left, right, x0, x1 - x0, cols, width, xp)[None, :])
 
 
-def _meets(low, high, origin, side, cells: int, xp):
-    """[cells] bool: cell j, [origin + j*side/cells, origin + (j+1)*side/cells), meets [low, high).
+def _meets(low, high, origin, side, cells, length: int, xp):
+    """[length] bool: cell j < cells, [origin + j*side/cells, origin + (j+1)*side/cells), meets [low, high).
 
     The half-open spans intersect when each starts before the other ends; scaled by `cells`, the comparisons are
     between integers, so no rounding can make host and device disagree.
     """
-    j = xp.arange(cells)
-    return (low < high) & (j * side < (high - origin) * cells) & ((low - origin) * cells < (j + 1) * side)
+    j = xp.arange(length)
+    in_span = (j * side < (high - origin) * cells) & ((low - origin) * cells < (j + 1) * side)
+    return (j < cells) & (low < high) & in_span
 
 
 # ------------------------------------------------------------------------------------------ host reference
@@ -245,7 +256,7 @@ def _window_sums(grid: np.ndarray, nx: int, ny: int) -> np.ndarray:
 
 def _pairwise_sum(values: np.ndarray, xp=np) -> np.ndarray:
     """numpy's float32 pairwise summation along the last axis, written out so the device can repeat it (xp = jnp
-    runs it as is on a static length; `_window_sums_jax` does it for traced window sizes).
+    runs it as is on a static length; `_strided_sums` does it for traced lengths).
 
     Runs longer than PAIRWISE_BLOCK are split at n2 = n//2 - (n//2) % UNROLL and the halves' sums added; a block
     sums its first n - n % UNROLL values in UNROLL running accumulators, adds those as a tree, then the rest in
@@ -302,7 +313,12 @@ def _span(centre: int, half: int, side: int) -> tuple[int, int]:
 
 
 def select_bbox_jax(
-    importance: jax.Array, image_size: jax.Array, base_size: int, frame: jax.Array | None = None
+    importance: jax.Array,
+    image_size: jax.Array,
+    base_size: int,
+    frame: jax.Array | None = None,
+    *,
+    grid_size: jax.Array | None = None,
 ) -> jax.Array:
     """`select_bbox` with fixed shapes: importance [gh, gw], image_size [2] int (W, H) -> box [4] int32.
 
@@ -310,22 +326,27 @@ def select_bbox_jax(
     size share one program per grid shape and base size (base_size is static). All ratios are evaluated at once,
     with masks for the positions where a window does not fit. NaN in the map or a frame that is empty or leaves
     the image gives an unspecified box (the host version raises).
+
+    With `grid_size` ([2] int (gh, gw), traced) the map is importance[:gh, :gw] of a larger canvas [Gh, Gw], so
+    grids of any size up to the canvas share the program too; the rest of the canvas is never read. The box is
+    `select_bbox` of importance[:gh, :gw]; a grid size outside 1..(Gh, Gw) gives an unspecified box.
     """
     grid = jnp.asarray(importance, jnp.float32)
     if grid.ndim != 2:
         raise ValueError(f"importance must be a 2D map (gh, gw), got shape {grid.shape}")
     base = _as_base(base_size)
-    rows, cols = grid.shape
+    rows, cols = _grid_size_jax(grid, grid_size)
     size = jnp.asarray(image_size).astype(jnp.int32)
     width, height = size[0], size[1]
     x0, y0, x1, y1 = _frame_jax(frame, size)
-    nx = _window_cells_jax(x1 - x0, base, cols)  # [R]
-    ny = _window_cells_jax(y1 - y0, base, rows)  # [R]
-    sums = jax.vmap(_window_sums_jax, in_axes=(None, 0, 0))(grid, nx, ny)  # [R, gh, gw]
-    fits = (jnp.arange(cols) <= (cols - nx)[:, None, None]) & (jnp.arange(rows)[:, None] <= (rows - ny)[:, None, None])
-    x_major = jnp.where(fits, sums, -jnp.inf).transpose(0, 2, 1).reshape(len(RATIOS), -1)
-    px, py = jnp.divmod(jnp.argmax(x_major, axis=1), rows)
-    sharpness = _sharpness_jax(sums, px, py, nx, ny)
+    nx = _window_cells_jax(x1 - x0, base, cols, grid.shape[1])  # [R]
+    ny = _window_cells_jax(y1 - y0, base, rows, grid.shape[0])  # [R]
+    sums = jax.vmap(_window_sums_jax, in_axes=(None, 0, 0))(grid, nx, ny)  # [R, Gh, Gw]
+    x_fits = jnp.arange(grid.shape[1]) <= (cols - nx)[:, None, None]
+    y_fits = jnp.arange(grid.shape[0])[:, None] <= (rows - ny)[:, None, None]
+    x_major = jnp.where(x_fits & y_fits, sums, -jnp.inf).transpose(0, 2, 1).reshape(len(RATIOS), -1)
+    px, py = jnp.divmod(jnp.argmax(x_major, axis=1), grid.shape[0])
+    sharpness = _sharpness_jax(sums, px, py, nx, ny, rows, cols)
     covers = (nx == cols) & (ny == rows)
     key = jnp.where(covers, -jnp.inf, jnp.where(nx * ny == 0, jnp.inf, sharpness))
     k = jnp.argmax(key)
@@ -337,42 +358,85 @@ def select_bbox_jax(
 
 
 def suppress_jax(
-    importance: jax.Array, box: jax.Array, image_size: jax.Array, frame: jax.Array | None = None
+    importance: jax.Array,
+    box: jax.Array,
+    image_size: jax.Array,
+    frame: jax.Array | None = None,
+    *,
+    grid_size: jax.Array | None = None,
 ) -> jax.Array:
-    """`suppress` with fixed shapes: importance [gh, gw], box [4] int, image_size [2] int -> [gh, gw] float32."""
+    """`suppress` with fixed shapes: importance [gh, gw], box [4] int, image_size [2] int -> [gh, gw] float32.
+
+    With `grid_size` (see `select_bbox_jax`) the map importance[:gh, :gw] is suppressed, to the minimum over it;
+    the rest of the canvas is returned as it came (subnormals flushed, like the map).
+    """
     grid = _flush_jax(jnp.asarray(importance, jnp.float32))
+    rows, cols = _grid_size_jax(grid, grid_size)
     size = jnp.asarray(image_size).astype(jnp.int32)
-    hit = _cells_in_box(grid.shape, jnp.asarray(box).astype(jnp.int32), _frame_jax(frame, size), jnp)
-    return jnp.where(hit, jnp.min(grid), grid)
+    hit = _cells_in_box((rows, cols), jnp.asarray(box).astype(jnp.int32), _frame_jax(frame, size), jnp, grid.shape)
+    valid = (jnp.arange(grid.shape[0])[:, None] < rows) & (jnp.arange(grid.shape[1]) < cols)
+    return jnp.where(hit, jnp.min(jnp.where(valid, grid, jnp.inf)), grid)
 
 
 def select_boxes_jax(
-    importance: jax.Array, image_size: jax.Array, base_size: int, regions: int, frame: jax.Array | None = None
+    importance: jax.Array,
+    image_size: jax.Array,
+    base_size: int,
+    regions: int,
+    frame: jax.Array | None = None,
+    *,
+    grid_size: jax.Array | None = None,
 ) -> jax.Array:
     """`select_boxes` with fixed shapes: boxes [regions, 4] int32; regions, like base_size, is static.
 
-    A scan over the regions, so one `select_bbox_jax` is compiled however many there are.
+    A scan over the regions, so one `select_bbox_jax` is compiled however many there are. `grid_size` as there.
     """
 
     def step(grid, _):
-        box = select_bbox_jax(grid, image_size, base_size, frame)
-        return suppress_jax(grid, box, image_size, frame), box
+        box = select_bbox_jax(grid, image_size, base_size, frame, grid_size=grid_size)
+        return suppress_jax(grid, box, image_size, frame, grid_size=grid_size), box
 
     _, found = jax.lax.scan(step, jnp.asarray(importance, jnp.float32), length=_as_regions(regions))
     return found
 
 
 def outside_mass_jax(
-    importance: jax.Array, box: jax.Array, image_size: jax.Array, frame: jax.Array | None = None
+    importance: jax.Array,
+    box: jax.Array,
+    image_size: jax.Array,
+    frame: jax.Array | None = None,
+    *,
+    grid_size: jax.Array | None = None,
 ) -> jax.Array:
-    """`outside_mass` with fixed shapes: a float32 scalar, the host's value bit for bit."""
+    """`outside_mass` with fixed shapes: a float32 scalar, the host's value bit for bit (of importance[:gh, :gw]
+    with `grid_size`, see `select_bbox_jax`).
+
+    With `grid_size`, the sums are those of a window of the whole grid at (0, 0) in the canvas (`_strided_sums`);
+    without, numpy's tree for the static count is unrolled, which compiles in a third of the time.
+    """
     grid = _flush_jax(jnp.asarray(importance, jnp.float32))
+    rows, cols = _grid_size_jax(grid, grid_size)
     size = jnp.asarray(image_size).astype(jnp.int32)
-    hit = _cells_in_box(grid.shape, jnp.asarray(box).astype(jnp.int32), _frame_jax(frame, size), jnp)
-    positive = jnp.where(grid > 0, grid, 0.0).reshape(-1)
-    total = _pairwise_sum(positive, jnp)
-    outside = _pairwise_sum(jnp.where(hit.reshape(-1), 0.0, positive), jnp)
+    hit = _cells_in_box((rows, cols), jnp.asarray(box).astype(jnp.int32), _frame_jax(frame, size), jnp, grid.shape)
+    positive = jnp.where(grid > 0, grid, 0.0)
+    both = jnp.stack([positive, jnp.where(hit, 0.0, positive)]).reshape(2, -1)  # [2, Gh * Gw], row-major
+    if grid_size is None:
+        total, outside = _pairwise_sum(both, jnp)
+    else:
+        first = jnp.zeros(1, jnp.int32)
+        total, outside = jax.vmap(lambda v: _strided_sums(v, first, cols, grid.shape[1], rows * cols)[0])(both)
     return jnp.where(total > 0, outside / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def _grid_size_jax(grid: jax.Array, grid_size: jax.Array | None) -> tuple:
+    """(gh, gw): the traced `grid_size`, or for None the whole array's shape (static ints)."""
+    if grid_size is None:
+        return grid.shape
+    size = jnp.asarray(grid_size)
+    if size.shape != (2,):
+        raise ValueError(f"grid_size must be [2] (gh, gw), got shape {size.shape}")
+    size = size.astype(jnp.int32)
+    return size[0], size[1]
 
 
 def _frame_jax(frame: jax.Array | None, size: jax.Array) -> jax.Array:
@@ -404,36 +468,55 @@ def _cell_thresholds(base_size: int, cells: int) -> np.ndarray:
     return table
 
 
-def _window_cells_jax(side: jax.Array, base_size: int, cells: int) -> jax.Array:
-    """[R] `_window_cells` of a traced side, for every ratio."""
-    thresholds = jnp.asarray(_cell_thresholds(base_size, cells))
+@functools.cache
+def _cell_threshold_table(base_size: int, max_cells: int) -> np.ndarray:
+    """[max_cells, R, max_cells]: row c-1 is `_cell_thresholds(base_size, c)`, padded with 0 (no side reaches)."""
+    table = np.zeros((max_cells, len(RATIOS), max_cells), np.int32)
+    for cells in range(1, max_cells + 1):
+        table[cells - 1, :, :cells] = _cell_thresholds(base_size, cells)
+    return table
+
+
+def _window_cells_jax(side: jax.Array, base_size: int, cells, max_cells: int | None = None) -> jax.Array:
+    """[R] `_window_cells` of a traced side, for every ratio, on `cells` grid cells: a static int, or traced and at
+    most max_cells (static)."""
+    thresholds = jnp.asarray(_cell_threshold_table(base_size, cells if max_cells is None else max_cells))[cells - 1]
     return jnp.sum(side <= thresholds, axis=1, dtype=jnp.int32)
 
 
 def _window_sums_jax(grid: jax.Array, nx: jax.Array, ny: jax.Array) -> jax.Array:
     """[gh, gw] sums of the nx-by-ny window at each top-left cell, bit-identical to `_window_sums`.
 
-    numpy's split tree depends only on the window's cell count n, so it is built once, to a static depth: a node
-    short enough to be a block gets the children (all of it, nothing), and adding the empty sum 0.0 is exact, so
-    the leaves' block sums combine bit for bit. Entries where the window does not fit are garbage (masked later).
+    Entries where the window does not fit are garbage (masked later). A window that fits a smaller grid in the
+    top-left corner of the array reads only that grid's cells, in the same order: the same sums.
     """
     rows, cols = grid.shape
-    flat = _flush_jax(grid).reshape(-1)
     starts = jnp.arange(rows * cols)
-    run = jnp.maximum(nx, 1)
-    offsets, lengths = _pairwise_leaves(nx * ny, rows * cols)
-    width = max(UNROLL, -(-min(PAIRWISE_BLOCK, rows * cols) // UNROLL) * UNROLL)  # every leaf fits
+    return _strided_sums(_flush_jax(grid).reshape(-1), starts, nx, cols, nx * ny).reshape(rows, cols)
+
+
+def _strided_sums(flat: jax.Array, starts: jax.Array, run, stride: int, n) -> jax.Array:
+    """[len(starts)] `_pairwise_sum`s of n values each: from each start, rows of `run` values `stride` apart (a
+    window's cells in row-major order, in a map of `stride` columns), bit-identical to the host's.
+
+    numpy's split tree depends only on the count n (traced), so it is built once, to a static depth: a node
+    short enough to be a block gets the children (all of it, nothing), and adding the empty sum 0.0 is exact, so
+    the leaves' block sums combine bit for bit. Values past the end of flat read as 0.
+    """
+    run = jnp.maximum(run, 1)
+    offsets, lengths = _pairwise_leaves(n, flat.shape[0])
+    width = max(UNROLL, -(-min(PAIRWISE_BLOCK, flat.shape[0]) // UNROLL) * UNROLL)  # every leaf fits
 
     def leaf_sum(leaf):
         offset, length = leaf
-        cell = offset + jnp.arange(width)  # the window's cells in row-major order
-        index = starts[None, :] + ((cell // run) * cols + cell % run)[:, None]
+        cell = offset + jnp.arange(width)  # the leaf's cells, numbered in row-major order
+        index = starts[None, :] + ((cell // run) * stride + cell % run)[:, None]
         return _block_sums(flat.at[index].get(mode="fill", fill_value=0.0), length)
 
-    sums = jax.lax.map(leaf_sum, (offsets, lengths))  # [leaves, gh * gw]
+    sums = jax.lax.map(leaf_sum, (offsets, lengths))  # [leaves, len(starts)]
     while sums.shape[0] > 1:
         sums = sums[0::2] + sums[1::2]
-    return sums[0].reshape(rows, cols)
+    return sums[0]
 
 
 def _pairwise_leaves(n: jax.Array, max_n: int) -> tuple[jax.Array, jax.Array]:
@@ -468,13 +551,12 @@ def _block_sums(values: jax.Array, n: jax.Array) -> jax.Array:
     return jnp.where(n < UNROLL, short, long)
 
 
-def _sharpness_jax(sums: jax.Array, px: jax.Array, py: jax.Array, nx: jax.Array, ny: jax.Array) -> jax.Array:
-    """[R] `_sharpness` at each ratio's maximum; absent neighbours add 0.0, which is exact."""
-    rows, cols = sums.shape[1:]
+def _sharpness_jax(sums: jax.Array, px: jax.Array, py: jax.Array, nx: jax.Array, ny: jax.Array, rows, cols):
+    """[R] `_sharpness` at each ratio's maximum on a rows x cols grid; absent neighbours add 0.0, which is exact."""
     ratio = jnp.arange(len(RATIOS))
 
     def at(y, x):
-        return sums[ratio, jnp.clip(y, 0, rows - 1), jnp.clip(x, 0, cols - 1)]
+        return sums[ratio, jnp.clip(y, 0, sums.shape[1] - 1), jnp.clip(x, 0, sums.shape[2] - 1)]
 
     neighbours = [
         (px >= 1, at(py, px - 1)),
@@ -504,7 +586,8 @@ def _keys_cubic(x: jax.Array) -> jax.Array:
     return jnp.where(x < 1, near, jnp.where(x < 2, far, 0.0))
 
 
-def _crop_resize_taps(start: jax.Array, stop: jax.Array, size: int, out: int) -> tuple[jax.Array, jax.Array]:
+def _crop_resize_taps(start: jax.Array, stop: jax.Array, size: int, out: int, resized: jax.Array | None = None,
+                      max_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
     """(indices [out, taps], weights [out, taps]): the input pixels and weights that resize pixels start..stop-1
     of an axis of `size` pixels to `out` pixels as PIL's antialiased bicubic resize of the crop does: pixel
     centres at i + 0.5, the kernel (support 2) widened by the downscale factor, the pixels outside the box
@@ -512,15 +595,20 @@ def _crop_resize_taps(start: jax.Array, stop: jax.Array, size: int, out: int) ->
     of a box spanning the whole axis, so only the pixels an output reads are read. Positions are taken from
     the box's start and sums run tap by tap, so that a pixel's weight depends neither on where the box lies
     in the array nor on the number of taps: a window around the box gives the same weights, bit for bit."""
-    taps = min(size, math.ceil(4 * max(size / out, 1.0)) + 2)
-    scale = (stop - start).astype(jnp.float32) / out
+    taps = min(size, math.ceil(4 * max(size / out if max_scale is None else max_scale, 1.0)) + 2)
+    length = out if resized is None else resized
+    scale = (stop - start).astype(jnp.float32) / length
     support = 2.0 * jnp.maximum(scale, 1.0)
     centres = (jnp.arange(out, dtype=jnp.float32) + 0.5) * scale
     first = jnp.clip(start + jnp.floor(centres - 0.5 - support).astype(jnp.int32), 0, size - taps)
     indices = first[:, None] + jnp.arange(taps, dtype=jnp.int32)
     weights = _keys_cubic(((indices - start).astype(jnp.float32) + 0.5 - centres[:, None]) / jnp.maximum(scale, 1.0))
     weights = jnp.where((indices >= start) & (indices < stop), weights, 0.0)
-    return indices, weights / sum(weights[:, t, None] for t in range(taps))
+    if resized is None:
+        return indices, weights / sum(weights[:, t, None] for t in range(taps))
+    total = sum(weights[:, t, None] for t in range(taps))
+    inside = (jnp.arange(out) < resized)[:, None]  # outputs beyond the resized size read nothing
+    return indices, jnp.where(inside, weights / jnp.where(inside, total, 1.0), 0.0)
 
 
 def crop_and_resize_jax(
@@ -568,15 +656,40 @@ def crop_and_resize_jax(
     return jax.lax.cond(fits, narrow, lambda image: _crop_resize(image, left, top, right, bottom, out_size), image)
 
 
-def _crop_resize(image: jax.Array, left, top, right, bottom, out_size: tuple[int, int]) -> jax.Array:
-    """`crop_and_resize_jax` of a clipped box, with as many taps as a box spanning the whole image needs."""
+def _crop_resize(image: jax.Array, left, top, right, bottom, out_size: tuple[int, int], resized=None,
+                 max_scale: float | None = None) -> jax.Array:
+    """`crop_and_resize_jax` of a clipped box, with as many taps as a box spanning the whole image needs (or as
+    a downscale by at most `max_scale` needs); with `resized` (h, w), into the top-left corner of out_size."""
     out_h, out_w = out_size
-    row_indices, row_weights = _crop_resize_taps(top, bottom, image.shape[0], out_h)
-    col_indices, col_weights = _crop_resize_taps(left, right, image.shape[1], out_w)
+    resized_h, resized_w = (None, None) if resized is None else (resized[0], resized[1])
+    row_indices, row_weights = _crop_resize_taps(top, bottom, image.shape[0], out_h, resized_h, max_scale)
+    col_indices, col_weights = _crop_resize_taps(left, right, image.shape[1], out_w, resized_w, max_scale)
     # one gather per tap, summed: XLA fuses them (a single [out, taps, W, C] gather is materialised, slower)
     rows = sum(row_weights[:, t, None, None] * image[row_indices[:, t]].astype(jnp.float32)
                for t in range(row_indices.shape[1]))
     return sum(col_weights[None, :, t, None] * rows[:, col_indices[:, t]] for t in range(col_indices.shape[1]))
+
+
+def crop_and_resize_into_jax(image: jax.Array, valid_size: jax.Array, box: jax.Array, resized: jax.Array,
+                             canvas: tuple[int, int], max_scale: int) -> jax.Array:
+    """`crop_and_resize_jax` to a traced size: the box resized to `resized` (h, w) <= canvas (h, w), in the
+    canvas's top-left corner, zeros elsewhere; for processors whose output size follows the box (Qwen2.5-VL).
+
+    `max_scale` (static) bounds the downscale factor, box side / resized side, which the caller knows: the box
+    is resized from a window of max_scale times the canvas around it, with the taps that factor needs.
+    """
+    size = jnp.asarray(valid_size).astype(jnp.int32)
+    box = jnp.asarray(box).astype(jnp.int32)
+    left = jnp.clip(box[0], 0, size[0] - 1)
+    top = jnp.clip(box[1], 0, size[1] - 1)
+    right = jnp.clip(box[2], left + 1, size[0])
+    bottom = jnp.clip(box[3], top + 1, size[1])
+    window_h = min(image.shape[0], max_scale * canvas[0])
+    window_w = min(image.shape[1], max_scale * canvas[1])
+    y = jnp.minimum(top, image.shape[0] - window_h)
+    x = jnp.minimum(left, image.shape[1] - window_w)
+    window = jax.lax.dynamic_slice(image, (y, x, 0), (window_h, window_w, image.shape[2]))
+    return _crop_resize(window, left - x, top - y, right - x, bottom - y, canvas, resized, max_scale)
 
 
 # ----------------------------------------------------------------------------------------- high resolution

@@ -1,10 +1,10 @@
 """The building blocks of ViCrop's importance maps, shared by every map method (`methods.py`).
 
 A map pass is a forward of one prompt with the map's layers captured: over the whole prompt (`prompt_run`), or,
-where the family shares a `[BOS, image]` prefix between a question's prompts, over a prompt's suffix after the
-prefix's KV cache (`suffix_run`). `captured_attention` and `attention_times_gradient` turn such a pass into a
-reader of the sown attention (plain, or weighted by its gradient); the family turns that reader into a map.
-All of it is pure and jit-compatible.
+where the family shares a prefix (the text before the original image and the image) between a question's
+prompts, over a prompt's suffix after the prefix's KV cache (`suffix_run`; the family cuts the prompt).
+`captured_attention` and `attention_times_gradient` turn such a pass into a reader of the sown attention (plain,
+or weighted by its gradient); the family turns that reader into a map. All of it is pure and jit-compatible.
 
 Axis letters: N heads, T prompt positions, Ts suffix positions, S cache slots, P image positions, V vocabulary.
 """
@@ -21,6 +21,7 @@ import PIL.Image
 from flax import traverse_util
 
 from vicrop_jax.families import Family, PromptArrays
+from vicrop_jax.families._base import ImageFeatures, PromptSplit
 from vicrop_jax.nn.decoding import prefill
 from vicrop_jax.nn.llama import KVCache
 
@@ -34,7 +35,7 @@ class StaticModel(NamedTuple):
     family: Family
     normalization: tuple  # (rescale factor, mean, std) of the image processor
     eos_ids: tuple[int, ...]
-    prefix_length: int | None  # the shared [BOS, image] prefix, None where the family has none
+    prefix_tokens: int | None  # the text before the first image in the shared prefix, None where none is shared
 
     @property
     def config(self) -> Any:
@@ -52,7 +53,7 @@ class PrefixMap(NamedTuple):
     """A map computed from the shared prefix, with what the answers reuse."""
 
     importance: jax.Array  # [gh, gw], or [M, gh, gw] for a method of M candidate maps
-    features: jax.Array  # [P, D] of the original image
+    features: ImageFeatures  # of the original image
     cache: KVCache  # the prefix, in a cache of the answers' length
     question_pass: QuestionPass | None  # None when the method ran no question pass the answers can take
 
@@ -83,19 +84,21 @@ def prompt_run(family: Family, pixels: jax.Array, prompt: PromptArrays, method) 
     return run
 
 
-def split_prompt(prompt: PromptArrays, prefix_length: int) -> tuple[jax.Array, jax.Array]:
-    """(suffix ids [Ts], suffix length) of a prompt that starts with the shared prefix."""
-    return prompt.ids[prefix_length:], prompt.length - prefix_length
+def split_prompt(static: StaticModel, prompt: PromptArrays, images: list[ImageFeatures]) -> PromptSplit:
+    """A prompt over `images` (the original first) cut after the prefix its question's prompts share."""
+    return static.family.split_prompt(static.config, prompt, images, static.prefix_tokens)
 
 
-def suffix_run(cache: KVCache, prefix_length: int, suffix_ids, suffix_length, features, layers=()) -> Run:
-    """A suffix (ids [Ts], image tokens filled from features [P,D]) after the cached prefix
+def suffix_run(cache: KVCache, split: PromptSplit, layers=()) -> Run:
+    """A prompt's suffix after the cached prefix (written from slot `split.prefix.length`)
     -> (logits [V], the cache with the suffix written)."""
+    suffix = split.suffix
 
     def run(m):
-        embeds = m.embed(suffix_ids[None], features[None])
-        hidden, new_cache = m.decode(embeds, cache, prefix_length, layers)
-        return m.logits(hidden[0, suffix_length - 1]), new_cache
+        embeds = m.embed(suffix.ids[None], split.features[None])
+        positions = None if suffix.positions is None else suffix.positions[..., None, :]
+        hidden, new_cache = m.decode(embeds, cache, split.prefix.length, layers, positions)
+        return m.logits(hidden[0, suffix.length - 1]), new_cache
 
     return run
 
@@ -134,11 +137,11 @@ def attention_and_gradient(module: nn.Module, params: Any, run: Run, clip_negati
     return attention, (lambda name: attention(name) * clip(sown(grads, name))), outputs
 
 
-def prefill_prefix(module: nn.Module, params: Any, features: jax.Array, prefix_ids: jax.Array,
+def prefill_prefix(module: nn.Module, params: Any, features: jax.Array, prefix: PromptArrays,
                    cache_length: int) -> KVCache:
-    """The prefix (ids [P0] with image tokens, features [P,D]) in a fresh cache of S slots, as `prefill` writes
+    """The prefix (ids [P] with image tokens, features [M, D]) in a fresh cache of S slots, as `prefill` writes
     any prompt (its logits, unused here, are pruned by the compiler)."""
-    return prefill(module, params, prefix_ids, prefix_ids.shape[0], features, cache_length)[1]
+    return prefill(module, params, prefix.ids, prefix.length, features, cache_length, prefix.positions)[1]
 
 
 def high_pass_mask(image: PIL.Image.Image, resolution: int | tuple[int, int]) -> np.ndarray:

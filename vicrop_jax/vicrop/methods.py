@@ -3,8 +3,8 @@
 Each is a frozen, hashable dataclass holding its options; jitted programs take it as a static argument, so
 each combination of options compiles once. A map method carries both of its implementations side by side:
 `whole_prompt_map` (any family: full forwards of the question's prompts) and `prefix_map` (families that share
-a `[BOS, image]` prefix between prompts: the prefix encoded and prefilled once, each prompt running only its
-suffix). A new method subclasses `MapMethod` and defines `whole_prompt_map`; the inherited `prefix_map` then
+a prefix of text and the image between prompts: the prefix encoded and prefilled once, each prompt running only
+its suffix). A new method subclasses `MapMethod` and defines `whole_prompt_map`; the inherited `prefix_map` then
 runs it after the shared prefix. Names are turned into values once, by `method_from_name`.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
-import functools
 import types
 import typing
 from typing import Any, ClassVar
@@ -23,9 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
-from vicrop_jax._generation import encode_images
 from vicrop_jax.families import PromptArrays
-from vicrop_jax.nn.decoding import stack_prompts
+from vicrop_jax.families._base import ImageFeatures
 from vicrop_jax.prompts import GENERAL_QUESTION
 from vicrop_jax.vicrop.boxes import Box, center_box, grow_box, random_box
 from vicrop_jax.vicrop.maps import (
@@ -176,9 +174,9 @@ class MapMethod(Strategy, abc.ABC):
     def prefix_map(self, static: StaticModel, params: Any, pixels: jax.Array, question: PromptArrays,
                    general: PromptArrays, high_pass, cache_length: int) -> PrefixMap:
         """The map after the shared prefix, encoded and prefilled once into a cache of `cache_length` slots."""
-        features, cache = _prefix(static, params, pixels, question, cache_length)
+        original, cache, _ = _prefix(static, params, pixels, question, cache_length)
         importance = self.whole_prompt_map(static, params, pixels, question, general, high_pass)
-        return PrefixMap(importance, features, cache, None)
+        return PrefixMap(importance, original, cache, None)
 
     def attention(self, static: StaticModel, params: Any, pixels: jax.Array, prompt: PromptArrays) -> jax.Array:
         """The plain attention map [gh, gw] of one prompt (rel-att's numerator or denominator)."""
@@ -214,9 +212,10 @@ def _checked_gate(gate) -> float | None:
 
 
 def _prefix(static: StaticModel, params, pixels, question: PromptArrays, cache_length: int):
-    features = encode_images(static.module, params, pixels[None])[0]
-    return features, prefill_prefix(static.module, params, features, question.ids[: static.prefix_length],
-                                    cache_length)
+    """(the original's features, the shared prefix in a cache of `cache_length` slots, the question's split)."""
+    original = static.family.original_features(static.module, params, pixels, question)
+    split = split_prompt(static, question, [original])
+    return original, prefill_prefix(static.module, params, original.features, split.prefix, cache_length), split
 
 
 def _both(question: PromptArrays, general: PromptArrays) -> PromptArrays:
@@ -234,17 +233,18 @@ class RelAtt(MapMethod):
         return maps[0] / maps[1]
 
     def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length):
-        features, cache = _prefix(static, params, pixels, question, cache_length)
+        original, cache, _ = _prefix(static, params, pixels, question, cache_length)
 
         def one(prompt):
-            ids, length = split_prompt(prompt, static.prefix_length)
-            run = suffix_run(cache, static.prefix_length, ids, length, features, (self.layer,))
+            split = split_prompt(static, prompt, [original])
+            run = suffix_run(cache, split, (self.layer,))
             read, (logits, new_cache) = captured_attention(static.module, params, run)
-            return static.family.attention_map(static.config, read, length - 1, prompt, self), logits, new_cache
+            importance = static.family.attention_map(static.config, read, split.suffix.length - 1, prompt, self)
+            return importance, logits, new_cache
 
         maps, logits, caches = jax.vmap(one)(_both(question, general))
         question_pass = QuestionPass(logits[0], jax.tree_util.tree_map(lambda c: c[0], caches))
-        return PrefixMap(maps[0] / maps[1], features, cache, question_pass)
+        return PrefixMap(maps[0] / maps[1], original, cache, question_pass)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -263,12 +263,11 @@ class GradAtt(MapMethod):
 
     def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length):
         """dS/dA of the last row depends on the suffix computation only: no backward pass through the prefix."""
-        features, cache = _prefix(static, params, pixels, question, cache_length)
-        ids, length = split_prompt(question, static.prefix_length)
-        run = suffix_run(cache, static.prefix_length, ids, length, features, (self.layer,))
+        original, cache, split = _prefix(static, params, pixels, question, cache_length)
+        run = suffix_run(cache, split, (self.layer,))
         read, (logits, new_cache) = attention_times_gradient(static.module, params, run, self.clip_negative)
-        importance = static.family.attention_map(static.config, read, length - 1, question, self)
-        return PrefixMap(importance, features, cache, QuestionPass(logits, new_cache))
+        importance = static.family.attention_map(static.config, read, split.suffix.length - 1, question, self)
+        return PrefixMap(importance, original, cache, QuestionPass(logits, new_cache))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -297,30 +296,32 @@ class PureGrad(MapMethod):
     def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length):
         """The prefix forward runs once (`jax.vjp`); for one prompt after the other, the suffix gives a cotangent
         on the prefix's features and cache, pulled back to the pixels through that forward."""
-        module, prefix_length = static.module, static.prefix_length
-        prefix_ids = question.ids[:prefix_length]
+        module = static.module
 
         def prefix(x):
-            features = encode_images(module, params, x[None])[0]
-            return features, prefill_prefix(module, params, features, prefix_ids, prefix_length)
+            """(the original's features, the prefix's cache), and the original's token grid beside them."""
+            original = static.family.original_features(module, params, x, question)
+            split = split_prompt(static, question, [original])
+            cache = prefill_prefix(module, params, original.features, split.prefix, split.prefix.ids.shape[0])
+            return (original.features, cache), original.grid
 
-        (features, cache), pullback = jax.vjp(prefix, pixels)
+        (features, cache), pullback, grid = jax.vjp(prefix, pixels, has_aux=True)
+        original = ImageFeatures(features, grid)
 
-        def prompt_gradients(suffix):
+        def prompt_gradients(prompt):
             def scored(features, cache):
-                run = suffix_run(cache.padded(cache_length), prefix_length, *suffix, features)
-                logits, new_cache = run_plain(module, params, run)
+                split = split_prompt(static, prompt, [ImageFeatures(features, grid)])
+                logits, new_cache = run_plain(module, params, suffix_run(cache.padded(cache_length), split))
                 return score(logits), (logits, new_cache)
 
             cotangents, outputs = jax.grad(scored, argnums=(0, 1), has_aux=True)(features, cache)
             return pullback(cotangents)[0], outputs
 
         # One prompt at a time: a single cotangent of the prefix cache and one backward pass live at once.
-        suffixes = stack_prompts(split_prompt(question, prefix_length), split_prompt(general, prefix_length))
-        gradients, (logits, caches) = jax.lax.map(prompt_gradients, suffixes)
+        gradients, (logits, caches) = jax.lax.map(prompt_gradients, _both(question, general))
         question_pass = QuestionPass(logits[0], jax.tree_util.tree_map(lambda c: c[0], caches))
         importance = static.family.pixel_gradient_map(static.config, gradients, high_pass, question)
-        return PrefixMap(importance, features, cache.padded(cache_length), question_pass)
+        return PrefixMap(importance, original, cache.padded(cache_length), question_pass)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -353,16 +354,14 @@ class ByConfidence(MapMethod):
 
     def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length):
         """Both maps after the shared prefix: the question's suffix with its gradient, the general one's forward."""
-        features, cache = _prefix(static, params, pixels, question, cache_length)
-        (ids, length), (general_ids, general_length) = (split_prompt(p, static.prefix_length)
-                                                        for p in (question, general))
-        run = functools.partial(suffix_run, cache, static.prefix_length, features=features, layers=(self.layer,))
-        read, weighted, (logits, new_cache) = attention_and_gradient(static.module, params, run(ids, length),
-                                                                     self.clip_negative)
-        general_read, _ = captured_attention(static.module, params, run(general_ids, general_length))
+        original, cache, split = _prefix(static, params, pixels, question, cache_length)
+        general_split = split_prompt(static, general, [original])
+        read, weighted, (logits, new_cache) = attention_and_gradient(
+            static.module, params, suffix_run(cache, split, (self.layer,)), self.clip_negative)
+        general_read, _ = captured_attention(static.module, params, suffix_run(cache, general_split, (self.layer,)))
         importance = self._maps(static, (read, weighted, general_read), (question, general),
-                                (length - 1, general_length - 1))
-        return PrefixMap(importance, features, cache, QuestionPass(logits, new_cache))
+                                (split.suffix.length - 1, general_split.suffix.length - 1))
+        return PrefixMap(importance, original, cache, QuestionPass(logits, new_cache))
 
 
 STRATEGIES: tuple[type[Strategy], ...] = (
