@@ -22,6 +22,7 @@ from vicrop_jax.preprocessing import ImageProcessorConfig, normalize_crop, prepr
 from vicrop_jax.vicrop.boxes import crop_and_resize_jax
 
 ReadAttention = Callable[[str], jax.Array]  # sown name -> probabilities [N, T, S] of one prompt
+IMAGE_BUCKET = 256
 
 
 class GenerationInputs(NamedTuple):
@@ -216,6 +217,12 @@ class Family(abc.ABC):
                             method="encode_images")[0]
 
     # The device pipeline's answers (`vicrop/_pipeline.py`): crops, their features, the prompts over them
+    def image_bucket(self, side: int) -> int:
+        """The padded length of a full-resolution image's side on the device: the next multiple of 256 px (the
+        crop reads a window around its box, so padding costs little but memory; a tight bucket keeps the
+        batch's crops cheap where a box spans most of the image)."""
+        return -(-side // IMAGE_BUCKET) * IMAGE_BUCKET
+
     def map_batch(self, model, images: list, questions: list[str], method) -> tuple[Any, PromptArrays,
                                                                                     PromptArrays, Any]:
         """A batch's map inputs, stacked: (pixels, question prompts, general prompts, pure-grad's masks or

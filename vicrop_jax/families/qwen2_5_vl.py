@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vicrop_jax.families._base import (Family, GenerationInputs, ImageFeatures, PromptArrays, PromptSplit,
-                                       expand_image_markers, head_mean, stack_arrays)
+from vicrop_jax.families._base import (IMAGE_BUCKET, Family, GenerationInputs, ImageFeatures, PromptArrays,
+                                       PromptSplit, expand_image_markers, head_mean, stack_arrays)
 from vicrop_jax.nn.decoding import bucket_length, stack_prompts
 from vicrop_jax.nn.llama import ATTENTION_PROBS
 from vicrop_jax.nn.qwen2_5_vl import QwenVL, QwenVLConfig
@@ -296,6 +296,11 @@ class QwenFamily(Family):
         high_pass = [self.patch_mask(model, image, method, patches.shape[1]) for image in images]
         return (patches[0::2], stack_arrays(arrays[0::2]), stack_arrays(arrays[1::2]),
                 None if high_pass[0] is None else np.stack(high_pass))
+
+    def image_bucket(self, side: int) -> int:
+        """256 px times a power of two: with the crop's other static shapes on the same ladder, a dataset of any
+        sizes compiles few programs (a crop reads a window around its box, whatever the padding)."""
+        return IMAGE_BUCKET * power_of_two_at_least(side / IMAGE_BUCKET)
 
     def answer_pixels(self, model, images):
         return self.plain_inputs(model, images, [""] * len(images))[0]

@@ -37,7 +37,6 @@ from vicrop_jax.vicrop.zoom import (
 )
 
 HIGH_RES_THRESHOLD = 1024
-IMAGE_BUCKET = 256
 LARGE_IMAGE_PIXELS = 4096 * 4096  # an image above this runs in a batch of its own
 
 
@@ -111,11 +110,11 @@ def static_model(model: Model) -> StaticModel:
                        model.family.prefix_tokens(model))
 
 
-def image_array(image: PIL.Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """Full-resolution pixels zero-padded to a size bucket, each side to a power of two of at least IMAGE_BUCKET
-    (one compile per bucket: few for a dataset of any sizes), and the true (W, H)."""
+def image_array(model: Model, image: PIL.Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Full-resolution pixels zero-padded to the family's size bucket (one compile per bucket), and the true
+    (W, H)."""
     width, height = image.size
-    bucket = lambda side: max(IMAGE_BUCKET, 1 << (side - 1).bit_length())  # noqa: E731
+    bucket = model.family.image_bucket
     padded = np.zeros((bucket(height), bucket(width), 3), np.uint8)
     padded[:height, :width] = np.asarray(image)
     return padded, np.array([width, height], np.int32)
@@ -129,7 +128,7 @@ def crop_batch(model: Model, images: list[PIL.Image.Image], questions: list[str]
                boxes=None) -> CropInputs:
     """The crop step's inputs of a batch (a leading axis on every leaf), with the prompt of each number of crops
     in `counts`; `boxes`: each record's boxes where they are given rather than selected."""
-    arrays = [image_array(image) for image in images]
+    arrays = [image_array(model, image) for image in images]
     padded = np.zeros((len(images), max(a.shape[0] for a, _ in arrays), max(a.shape[1] for a, _ in arrays), 3),
                       np.uint8)
     for i, (array, _) in enumerate(arrays):
@@ -237,6 +236,11 @@ def answer(model: Model, image: ImageLike, question: str, method: str | Strategy
     if isinstance(strategy, ZoomStrategy):
         return _zoom_answer(model, image, question, strategy, zoom_target(target, short_question or question),
                             max_new_tokens, start)
+    tiled = high_res and max(image.size) > HIGH_RES_THRESHOLD
+    if isinstance(strategy, MapMethod) and strategy.gate is not None and device_pipeline and not tiled:
+        [result] = run_padded_batch(model, [image], [question], [short_question or question], strategy,
+                                    max_new_tokens, 1)
+        return result
     if isinstance(strategy, MapMethod) and strategy.gate is not None:
         [plain] = plain_answers(model, [image], [question], max_new_tokens)
         if plain.confidence >= strategy.gate:
@@ -250,7 +254,6 @@ def answer(model: Model, image: ImageLike, question: str, method: str | Strategy
     static = static_model(model)
     map_question = short_question or question
     if isinstance(strategy, MapMethod):
-        tiled = high_res and max(image.size) > HIGH_RES_THRESHOLD
         if device_pipeline and not tiled:
             inputs = map_inputs(model, image, map_question, strategy)
             crop = crop_inputs(model, image, question, strategy.crop_counts)
@@ -531,6 +534,9 @@ def run_padded_batch(model: Model, images: list[PIL.Image.Image], questions: lis
         raise ValueError(f"{len(questions)} records for a batch of {batch_size}")
     if method.gate is None:
         return _run_groups(model, images, questions, map_questions, method, max_new_tokens, mesh)
+    if (model.family.prefix_tokens(model) is not None and map_questions == questions
+            and len(image_groups(images)) == 1 and (mesh is None or mesh.size == 1)):
+        return _gated_batch(model, images, questions, method, max_new_tokens)
     start = time.perf_counter()
     plain = plain_answers(model, images, questions, max_new_tokens)
     plain_share = (time.perf_counter() - start) / len(questions)
@@ -542,6 +548,42 @@ def run_padded_batch(model: Model, images: list[PIL.Image.Image], questions: lis
     for i, result in zip(crop, cropped):
         answers[i] = dataclasses.replace(result, confidence=plain[i].confidence, cost=plain[i].cost + result.cost,
                                          timings={**result.timings, "total": plain_share + result.timings["total"]})
+    return answers
+
+
+def _gated_batch(model: Model, images: list[PIL.Image.Image], questions: list[str], method: MapMethod,
+                 max_new_tokens: int) -> list[Answer]:
+    """A gate that continues from its plain answers: one program answers every record and keeps its question
+    pass (cache, and attention at the map layer) on the device; the records below the gate (padded to a power of
+    two) go on from there, their map's question pass, prefix and original answer not run again."""
+    start = time.perf_counter()
+    program_method = method.program_method
+    records = batch_inputs(model, images, questions, questions, program_method)
+    static = static_model(model)
+    tokens, confidence, prefilled = _pipeline.prefill_batch(static, model.params, records[0], method=program_method,
+                                                            max_new_tokens=max_new_tokens)
+    tokens, confidence = jax.device_get((tokens, confidence))
+    plain_share = (time.perf_counter() - start) / len(questions)
+    answers = []
+    for row, sure, length in zip(tokens, confidence, records[0].question.length):
+        generated = strip_generated(row)
+        text = model.tokenizer.decode(generated)
+        answers.append(Answer(text, text, (), None, {"total": plain_share}, float(sure),
+                              cost=Cost(1, int(length), len(generated))))
+    crop = [i for i, answer in enumerate(answers) if answer.confidence < method.gate]
+    if not crop:
+        return answers
+    start = time.perf_counter()
+    index = crop + crop[-1:] * (power_of_two(len(crop)) - len(crop))
+    chosen = jax.tree_util.tree_map(lambda leaf: leaf[np.asarray(index)], records)
+    out = jax.device_get(_pipeline.pipeline_batch(
+        static, model.params, *chosen, jax.tree_util.tree_map(lambda leaf: leaf[np.asarray(index)], prefilled),
+        method=program_method, max_new_tokens=max_new_tokens, reuse_question_pass=True))
+    share = (time.perf_counter() - start) / len(crop)
+    for position, i in enumerate(crop):
+        result = _pipeline_answer(model, program_method, out, chosen, images[i], {}, position)
+        answers[i] = dataclasses.replace(result, confidence=answers[i].confidence, cost=answers[i].cost + result.cost,
+                                         timings={"total": plain_share + share})
     return answers
 
 

@@ -25,7 +25,8 @@ from vicrop_jax.families import PromptArrays
 from vicrop_jax.families._base import ImageFeatures
 from vicrop_jax.nn.decoding import decode_from, prefill, stack_prompts
 from vicrop_jax.vicrop.boxes import outside_mass_jax, select_boxes_jax
-from vicrop_jax.vicrop.maps import PrefixMap, StaticModel, prefill_prefix, run_plain, split_prompt, suffix_run
+from vicrop_jax.vicrop.maps import (PrefixMap, QuestionPrefill, StaticModel, captured_attention, prefill_prefix,
+                                    prefill_run, run_plain, split_prompt, suffix_run)
 from vicrop_jax.vicrop.methods import Geometry, MapMethod
 
 # Under differentiation the model's layers keep only their inputs and recompute the rest (`nn.remat`). XLA's
@@ -176,11 +177,13 @@ def decode_answers(static: StaticModel, params, passes: AnswerPasses, max_new_to
     return AnswerTokens(tokens[..., 0, :], tokens[..., 1, :])
 
 
-def map_program(static: StaticModel, params, inputs: MapInputs, cache_length: int, method: MapMethod):
-    """The method's map (the family's path) -> (importance, PrefixMap or None)."""
+def map_program(static: StaticModel, params, inputs: MapInputs, cache_length: int, method: MapMethod,
+                prefilled: QuestionPrefill | None = None):
+    """The method's map (the family's path; after a plain answer's pass where a gate ran it) -> (importance,
+    PrefixMap or None)."""
     if static.prefix_tokens is None:
         return method.whole_prompt_map(static, params, *inputs), None
-    prefix = method.prefix_map(static, params, *inputs, cache_length)
+    prefix = method.prefix_map(static, params, *inputs, cache_length, prefilled)
     return prefix.importance, prefix
 
 
@@ -193,12 +196,12 @@ def map_frame(static: StaticModel, image_size: jax.Array, method: MapMethod) -> 
     return static.family.processor_box(jnp.stack([0, 0, width, height]).astype(jnp.int32))
 
 
-def _map_passes(static: StaticModel, params, inputs: MapInputs, crop: CropInputs, *, method: MapMethod,
-                max_new_tokens: int, reuse_question_pass: bool):
+def _map_passes(static: StaticModel, params, inputs: MapInputs, crop: CropInputs, prefilled=None, *,
+                method: MapMethod, max_new_tokens: int, reuse_question_pass: bool):
     """map(s) -> boxes -> crops -> the answers' prefills for one record, as traced device code."""
     family = static.family
     cache_length = max(prompt.ids.shape[0] for prompt in crop.crop_prompts) + max_new_tokens
-    importance, prefix = map_program(static, params, inputs, cache_length, method)
+    importance, prefix = map_program(static, params, inputs, cache_length, method, prefilled)
     maps = importance if method.candidate_names else importance[None]  # [M, ...]: one per candidate
     grids, grid_size = family.map_canvases(static.config, maps, inputs.question, crop.geometry)
     frame = map_frame(static, crop.image_size, method)
@@ -244,13 +247,15 @@ def pipeline(static: StaticModel, params, inputs: MapInputs, crop: CropInputs, *
 
 
 @functools.partial(_jit_per_method, static_argnames=_STATIC)
-def pipeline_batch(static: StaticModel, params, inputs: MapInputs, crop: CropInputs, *, method: MapMethod,
-                   max_new_tokens: int, reuse_question_pass: bool) -> PipelineOutput:
+def pipeline_batch(static: StaticModel, params, inputs: MapInputs, crop: CropInputs,
+                   prefilled: QuestionPrefill | None = None, *, method: MapMethod, max_new_tokens: int,
+                   reuse_question_pass: bool) -> PipelineOutput:
     """`pipeline` for a batch of records (a leading axis on every input): everything up to the answers vmapped,
-    then one decoding loop for all 2 x batch answers."""
+    then one decoding loop for all 2 x batch answers. `prefilled`: the records' plain answer passes, which a gate
+    ran first (`prefill_batch`)."""
     one = functools.partial(_map_passes, static, params, method=method, max_new_tokens=max_new_tokens,
                             reuse_question_pass=reuse_question_pass)
-    importance, boxes, passes, choice, crop_lengths = jax.vmap(one)(inputs, crop)
+    importance, boxes, passes, choice, crop_lengths = jax.vmap(one)(inputs, crop, prefilled)
     return PipelineOutput(importance, boxes, decode_answers(static, params, passes, max_new_tokens), choice,
                           crop_lengths)
 
@@ -269,6 +274,27 @@ def plain_batch(static: StaticModel, params, pixels, prompt: PromptArrays, *, ma
     tokens = decode_from(static.module, params, logits, caches, prompt.length, max_new_tokens, static.eos_ids,
                          prompt.position_offset)
     return tokens, first_token_confidence(logits)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "method", "max_new_tokens"))
+def prefill_batch(static: StaticModel, params, inputs: MapInputs, *, method: MapMethod, max_new_tokens: int):
+    """A gate's first step: the plain answers of a batch from its map inputs' question prompts -> (tokens [B, T],
+    the probability of each first token [B], `QuestionPrefill`s [B] for the records the gate then crops)."""
+    family, module = static.family, static.module
+    cache_length = inputs.question.ids.shape[-1] + max_new_tokens
+
+    def one(pixels, prompt):
+        features = family.original_features(module, params, pixels, prompt)
+        read, (logits, cache) = captured_attention(module, params, prefill_run(prompt, features.features,
+                                                                                (method.layer,)))
+        attention = family.attention_map(static.config, read, prompt.length - 1, prompt, method)
+        return QuestionPrefill(features, logits, cache, attention)
+
+    prefilled = jax.vmap(one)(inputs.pixels, inputs.question)
+    caches = jax.vmap(lambda cache: cache.padded(cache_length))(prefilled.cache)
+    tokens = decode_from(module, params, prefilled.logits, caches, inputs.question.length, max_new_tokens,
+                         static.eos_ids, inputs.question.position_offset)
+    return tokens, first_token_confidence(prefilled.logits), prefilled
 
 
 @functools.partial(_jit_per_method, static_argnames=("static", "method"))
@@ -296,5 +322,5 @@ def crop_and_answer(static: StaticModel, params, pixels, crop: CropInputs, boxes
 def compiled_programs() -> int:
     """How many programs the pipeline has compiled so far (a second question of the same shapes adds none)."""
     jitted = [*pipeline.programs, *pipeline_batch.programs, *importance_program.programs,
-              *whole_prompt_program.programs, crop_and_answer, plain_batch]
+              *whole_prompt_program.programs, crop_and_answer, plain_batch, prefill_batch]
     return sum(program._cache_size() for program in jitted)

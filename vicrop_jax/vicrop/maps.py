@@ -49,6 +49,17 @@ class QuestionPass(NamedTuple):
     cache: KVCache
 
 
+class QuestionPrefill(NamedTuple):
+    """A plain answer's question pass, kept for the records a gate goes on to crop: the original's features, the
+    last position's logits, the prompt's cache, and its attention map at the method's layer (rel-att's
+    numerator)."""
+
+    features: ImageFeatures
+    logits: jax.Array  # [V]
+    cache: KVCache  # the whole question prompt
+    attention: jax.Array  # the family's map of the question's attention (as `Family.attention_map` gives it)
+
+
 class PrefixMap(NamedTuple):
     """A map computed from the shared prefix, with what the answers reuse."""
 
@@ -80,6 +91,20 @@ def prompt_run(family: Family, pixels: jax.Array, prompt: PromptArrays, method) 
         positions = None if prompt.positions is None else prompt.positions[..., None, :]
         hidden, _ = m.decode(embeds, cache, 0, (method.layer,), positions)
         return m.logits(hidden[0, prompt.length - 1]), None
+
+    return run
+
+
+def prefill_run(prompt: PromptArrays, features: jax.Array, layers=()) -> Run:
+    """A whole prompt over given image features [M, D] into a fresh cache of its own length, the layers captured
+    -> (logits [V], cache)."""
+
+    def run(m):
+        embeds = m.embed(prompt.ids[None], features[None])
+        cache = KVCache.zeros(m.config.text, 1, prompt.ids.shape[0], m.dtype)
+        positions = None if prompt.positions is None else prompt.positions[..., None, :]
+        hidden, cache = m.decode(embeds, cache, 0, layers, positions)
+        return m.logits(hidden[0, prompt.length - 1]), cache
 
     return run
 

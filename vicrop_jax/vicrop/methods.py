@@ -27,7 +27,7 @@ from vicrop_jax.families._base import ImageFeatures
 from vicrop_jax.prompts import GENERAL_QUESTION
 from vicrop_jax.vicrop.boxes import Box, center_box, grow_box, random_box
 from vicrop_jax.vicrop.maps import (
-    PrefixMap, QuestionPass, StaticModel, attention_and_gradient, attention_times_gradient, captured_attention,
+    PrefixMap, QuestionPass, QuestionPrefill, StaticModel, attention_and_gradient, attention_times_gradient, captured_attention,
     high_pass_mask, prefill_prefix, prompt_run, run_plain, score, split_prompt, suffix_run,
 )
 from vicrop_jax.vicrop.strategy import Cost, Strategy, default_map_layer
@@ -172,9 +172,11 @@ class MapMethod(Strategy, abc.ABC):
         """The map [gh, gw] of one image (pixels [H,W,3]) from full forwards of the prompts."""
 
     def prefix_map(self, static: StaticModel, params: Any, pixels: jax.Array, question: PromptArrays,
-                   general: PromptArrays, high_pass, cache_length: int) -> PrefixMap:
-        """The map after the shared prefix, encoded and prefilled once into a cache of `cache_length` slots."""
-        original, cache, _ = _prefix(static, params, pixels, question, cache_length)
+                   general: PromptArrays, high_pass, cache_length: int,
+                   prefilled: QuestionPrefill | None = None) -> PrefixMap:
+        """The map after the shared prefix, encoded and prefilled once into a cache of `cache_length` slots (or
+        taken from the plain answer's pass, `prefilled`, where a gate ran it)."""
+        original, cache, _ = _prefix(static, params, pixels, question, cache_length, prefilled)
         importance = self.whole_prompt_map(static, params, pixels, question, general, high_pass)
         return PrefixMap(importance, original, cache, None)
 
@@ -211,8 +213,14 @@ def _checked_gate(gate) -> float | None:
     return None if gate is None else _share("gate", gate)
 
 
-def _prefix(static: StaticModel, params, pixels, question: PromptArrays, cache_length: int):
-    """(the original's features, the shared prefix in a cache of `cache_length` slots, the question's split)."""
+def _prefix(static: StaticModel, params, pixels, question: PromptArrays, cache_length: int,
+            prefilled: QuestionPrefill | None = None):
+    """(the original's features, the shared prefix in a cache of `cache_length` slots, the question's split).
+    A prefilled question's cache serves as the prefix's: a suffix overwrites the slots after the prefix, and
+    causality hides those it does not reach."""
+    if prefilled is not None:
+        split = split_prompt(static, question, [prefilled.features])
+        return prefilled.features, prefilled.cache.padded(cache_length), split
     original = static.family.original_features(static.module, params, pixels, question)
     split = split_prompt(static, question, [original])
     return original, prefill_prefix(static.module, params, original.features, split.prefix, cache_length), split
@@ -232,8 +240,16 @@ class RelAtt(MapMethod):
         maps = jax.vmap(lambda prompt: self.attention(static, params, pixels, prompt))(_both(question, general))
         return maps[0] / maps[1]
 
-    def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length):
-        original, cache, _ = _prefix(static, params, pixels, question, cache_length)
+    def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length, prefilled=None):
+        """The question's and the general prompt's suffixes after the prefix; with a plain answer's pass
+        (`prefilled`), the general prompt's alone."""
+        original, cache, _ = _prefix(static, params, pixels, question, cache_length, prefilled)
+        if prefilled is not None:
+            split = split_prompt(static, general, [original])
+            read, _ = captured_attention(static.module, params, suffix_run(cache, split, (self.layer,)))
+            general_map = static.family.attention_map(static.config, read, split.suffix.length - 1, general, self)
+            return PrefixMap(prefilled.attention / general_map, original, cache,
+                             QuestionPass(prefilled.logits, cache))
 
         def one(prompt):
             split = split_prompt(static, prompt, [original])
@@ -261,9 +277,9 @@ class GradAtt(MapMethod):
         read, _ = attention_times_gradient(static.module, params, run, self.clip_negative)
         return static.family.attention_map(static.config, read, question.length - 1, question, self)
 
-    def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length):
+    def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length, prefilled=None):
         """dS/dA of the last row depends on the suffix computation only: no backward pass through the prefix."""
-        original, cache, split = _prefix(static, params, pixels, question, cache_length)
+        original, cache, split = _prefix(static, params, pixels, question, cache_length, prefilled)
         run = suffix_run(cache, split, (self.layer,))
         read, (logits, new_cache) = attention_times_gradient(static.module, params, run, self.clip_negative)
         importance = static.family.attention_map(static.config, read, split.suffix.length - 1, question, self)
@@ -293,9 +309,10 @@ class PureGrad(MapMethod):
         gradients = jax.lax.map(gradient, _both(question, general))
         return static.family.pixel_gradient_map(static.config, gradients, high_pass, question)
 
-    def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length):
+    def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length, prefilled=None):
         """The prefix forward runs once (`jax.vjp`); for one prompt after the other, the suffix gives a cotangent
-        on the prefix's features and cache, pulled back to the pixels through that forward."""
+        on the prefix's features and cache, pulled back to the pixels through that forward (a plain answer's
+        pass, which holds no such pullback, is not used)."""
         module = static.module
 
         def prefix(x):
@@ -352,9 +369,9 @@ class ByConfidence(MapMethod):
         return self._maps(static, (read, weighted, general_read), (question, general),
                           (question.length - 1, general.length - 1))
 
-    def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length):
+    def prefix_map(self, static, params, pixels, question, general, high_pass, cache_length, prefilled=None):
         """Both maps after the shared prefix: the question's suffix with its gradient, the general one's forward."""
-        original, cache, split = _prefix(static, params, pixels, question, cache_length)
+        original, cache, split = _prefix(static, params, pixels, question, cache_length, prefilled)
         general_split = split_prompt(static, general, [original])
         read, weighted, (logits, new_cache) = attention_and_gradient(
             static.module, params, suffix_run(cache, split, (self.layer,)), self.clip_negative)
