@@ -1,7 +1,7 @@
 """What the confidence gate costs and keeps on an embedded model: warm seconds per question of the plain answer,
 rel-att and rel-att behind the gate, and their accuracy on the same held-out single-detail questions.
 
-    python -m benchmarks.bench_gate --model vicrop-tiny --count 400 --gates 0.548 0.675 --passes 3
+    python -m benchmarks.bench_gate --model vicrop-tiny --count 400 --gates 0.548 --passes 3
 
 The questions are `testing.synthetic.make_record(seed, i)` for i < count (seed 1, the evaluation's; the gates
 are the ones calibrated on seed 4 by `benchmarks/synthetic/evaluate.py`). A first pass compiles every program,
