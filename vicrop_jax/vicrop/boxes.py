@@ -634,12 +634,7 @@ def crop_and_resize_jax(
     """
     out_h, out_w = out_size
     image = jnp.asarray(image)
-    size = jnp.asarray(valid_size).astype(jnp.int32)
-    box = jnp.asarray(box).astype(jnp.int32)
-    left = jnp.clip(box[0], 0, size[0] - 1)
-    top = jnp.clip(box[1], 0, size[1] - 1)
-    right = jnp.clip(box[2], left + 1, size[0])
-    bottom = jnp.clip(box[3], top + 1, size[1])
+    left, top, right, bottom = _clipped_box(box, valid_size)
     window_h = min(image.shape[0], NARROW_BOX_SCALE * out_h)
     window_w = min(image.shape[1], NARROW_BOX_SCALE * out_w)
     if (window_h, window_w) == image.shape[:2]:
@@ -654,6 +649,15 @@ def crop_and_resize_jax(
 
     fits = (bottom - top <= window_h) & (right - left <= window_w)
     return jax.lax.cond(fits, narrow, lambda image: _crop_resize(image, left, top, right, bottom, out_size), image)
+
+
+def _clipped_box(box: jax.Array, valid_size: jax.Array) -> tuple[jax.Array, ...]:
+    """(left, top, right, bottom) of a box clipped to the valid (W, H) region, at least one pixel wide."""
+    size = jnp.asarray(valid_size).astype(jnp.int32)
+    box = jnp.asarray(box).astype(jnp.int32)
+    left = jnp.clip(box[0], 0, size[0] - 1)
+    top = jnp.clip(box[1], 0, size[1] - 1)
+    return left, top, jnp.clip(box[2], left + 1, size[0]), jnp.clip(box[3], top + 1, size[1])
 
 
 def _crop_resize(image: jax.Array, left, top, right, bottom, out_size: tuple[int, int], resized=None,
@@ -678,12 +682,7 @@ def crop_and_resize_into_jax(image: jax.Array, valid_size: jax.Array, box: jax.A
     `max_scale` (static) bounds the downscale factor, box side / resized side, which the caller knows: the box
     is resized from a window of max_scale times the canvas around it, with the taps that factor needs.
     """
-    size = jnp.asarray(valid_size).astype(jnp.int32)
-    box = jnp.asarray(box).astype(jnp.int32)
-    left = jnp.clip(box[0], 0, size[0] - 1)
-    top = jnp.clip(box[1], 0, size[1] - 1)
-    right = jnp.clip(box[2], left + 1, size[0])
-    bottom = jnp.clip(box[3], top + 1, size[1])
+    left, top, right, bottom = _clipped_box(box, valid_size)
     window_h = min(image.shape[0], max_scale * canvas[0])
     window_w = min(image.shape[1], max_scale * canvas[1])
     y = jnp.minimum(top, image.shape[0] - window_h)
