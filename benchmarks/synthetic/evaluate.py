@@ -32,7 +32,7 @@ from PIL import Image
 
 import vicrop_jax
 from vicrop_jax import select_bbox
-from vicrop_jax.vicrop._api import static_model
+from vicrop_jax.vicrop._api import map_inputs, static_model
 from vicrop_jax.vicrop.methods import RelAtt, resolve_method
 from vicrop_jax.evaluation.metrics import TERCILES, attention_ratio, tercile, tercile_edges
 from vicrop_jax.evaluation.results import read_results
@@ -62,7 +62,7 @@ def attention_maps(model, scenes: list[tuple], layer: int | None = None) -> list
     method = resolve_method(model, RelAtt(layer=layer))
     out = []
     for image, question, _ in scenes:
-        pixels, prompt, _, _ = model.family.map_inputs(model, image, question, method)
+        pixels, prompt, _, _ = map_inputs(model, image, question, method)
         attention = _attention(static_model(model), model.params, pixels, prompt, method)
         out.append(model.family.host_map(model, image, np.asarray(attention)))
     return out

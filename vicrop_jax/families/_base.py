@@ -168,13 +168,6 @@ class Family(abc.ABC):
         prompts = self.prompt_arrays(model, [self.prompt(q) for q in questions])
         return preprocess_batch(images, model.image_config), stack_arrays(prompts)
 
-    def map_inputs(self, model, image, question: str, method) -> tuple[Any, PromptArrays, PromptArrays, Any]:
-        """(pixels, question prompt, general prompt, pure-grad's high-pass mask or None) of one map pass."""
-        question_arrays, general_arrays = self.prompt_arrays(
-            model, [self.prompt(question), self.prompt(method.general_question)])
-        return (preprocess_batch([image], model.image_config)[0], question_arrays, general_arrays,
-                method.high_pass(image, model.config.image_size))
-
     def host_map(self, model, image, importance: np.ndarray) -> np.ndarray:
         """A map program's output as the map [gh, gw] of `image` (already so for fixed-grid families)."""
         return importance

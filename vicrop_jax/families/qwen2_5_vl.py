@@ -238,13 +238,6 @@ class QwenFamily(Family):
                                               [self.prompt(q) for q in questions], self.pixel_budget(model))
         return patches, stack_arrays(prompts)
 
-    def map_inputs(self, model, image, question: str, method):
-        """The image at ViCrop's budget; pure-grad's mask on the resized image, in patch rows [N, P, P]."""
-        patches, (question_arrays, general_arrays) = self.image_prompts(
-            model, [[image], [image]], [self.prompt(question), self.prompt(method.general_question)],
-            self.pixel_budget(model))
-        return patches[0], question_arrays, general_arrays, self.patch_mask(model, image, method, patches.shape[1])
-
     def host_map(self, model, image, importance: np.ndarray) -> np.ndarray:
         """The map over the bucket's merged tokens [..., M] -> the image's token grid [..., gh, gw]."""
         grid = image_grid(*image.size, model.image_config, self.pixel_budget(model))

@@ -121,7 +121,9 @@ def image_array(model: Model, image: PIL.Image.Image) -> tuple[np.ndarray, np.nd
 
 
 def map_inputs(model: Model, image: PIL.Image.Image, question: str, method: MapMethod) -> MapInputs:
-    return MapInputs(*model.family.map_inputs(model, image, question, method))
+    """A map's inputs of one record: `map_batch` of one."""
+    return jax.tree_util.tree_map(lambda leaf: leaf[0], MapInputs(*model.family.map_batch(model, [image], [question],
+                                                                                         method)))
 
 
 def crop_batch(model: Model, images: list[PIL.Image.Image], questions: list[str], counts: tuple[int, ...],
