@@ -127,11 +127,8 @@ def workload(count: int):
 def runner(model, method: str, batch: int, max_new_tokens: int):
     """A function answering one batch of `batch` questions, blocking until the answers are on the host."""
     import vicrop_jax
-    from vicrop_jax.vicrop import _api
 
     images, questions = workload(batch)
-    if method == "none" and batch > 1:  # the plain answers of a batch: one program
-        return lambda: _api.plain_answers(model, images, questions, max_new_tokens)
     if batch == 1:
         return lambda: vicrop_jax.answer(model, images[0], questions[0], method, max_new_tokens=max_new_tokens)
     return lambda: vicrop_jax.answer_batch(model, images, questions, method, batch_size=batch,
@@ -140,20 +137,19 @@ def runner(model, method: str, batch: int, max_new_tokens: int):
 
 def flops_per_question(model, method: str, max_new_tokens: int) -> float | None:
     """XLA's FLOP count of the lowered programs that answer one question (nothing is compiled)."""
-    from vicrop_jax.vicrop import _api, _pipeline
+    from vicrop_jax.vicrop import _pipeline, engine
     from vicrop_jax.vicrop.methods import resolve_method
 
     (image,), (question,) = workload(1)
     if method == "none":
         pixels, prompts = model.family.plain_inputs(model, [image], [question])
-        lowered = [_pipeline.plain_batch.lower(_api.static_model(model), model.params, pixels, prompts,
+        lowered = [_pipeline.plain_batch.lower(engine.static_model(model), model.params, pixels, prompts,
                                                max_new_tokens=max_new_tokens)]
     else:
         strategy = resolve_method(model, method)
         program = _pipeline.pipeline.programs[strategy.low_memory]
-        lowered = [program.lower(_api.static_model(model), model.params, _api.map_inputs(model, image, question,
-                                                                                        strategy),
-                                 _api.crop_inputs(model, image, question), method=strategy,
+        inputs = engine.map_inputs(model, image, question, strategy), engine.crop_inputs(model, image, question)
+        lowered = [program.lower(engine.static_model(model), model.params, *inputs, method=strategy,
                                  max_new_tokens=max_new_tokens, reuse_question_pass=True)]
     costs = [program.cost_analysis() for program in lowered]
     if any(not cost or "flops" not in cost for cost in costs):

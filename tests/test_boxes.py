@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vicrop_jax import crop_resize
 from vicrop_jax.vicrop import boxes
+from vicrop_jax.crop_resize import crop_and_resize_jax
 from vicrop_jax.vicrop.boxes import (
     RATIOS,
     center_box,
-    crop_and_resize_jax,
     grow_box,
     outside_mass,
     outside_mass_jax,
@@ -29,6 +30,7 @@ from vicrop_jax.vicrop.boxes import (
     select_bbox_jax,
     select_boxes,
     select_boxes_jax,
+    selection_box_sizes,
     stitch_maps,
     suppress,
     suppress_jax,
@@ -454,7 +456,7 @@ def test_a_small_box_is_resized_from_a_window_around_it_with_the_same_values():
     image = rng.integers(0, 256, (768, 640, 3)).astype(np.float32)
     valid = np.array([600, 700])  # (W, H); beyond it: padding
     out = (112, 112)
-    window = boxes.NARROW_BOX_SCALE * out[0]
+    window = crop_resize.NARROW_BOX_SCALE * out[0]
     single = jax.jit(crop_and_resize_jax, static_argnames="out_size")
     whole_image = jax.jit(boxes._crop_resize, static_argnums=5)  # eager rounds otherwise (no fused multiply-add)
     traced = jax.make_jaxpr(functools.partial(crop_and_resize_jax, out_size=out))(image, valid, (0, 0, 9, 9))
@@ -614,3 +616,15 @@ def test_window_cells_of_a_traced_grid_follow_the_float64_expression():
 def test_grid_size_must_be_rows_and_columns():
     with pytest.raises(ValueError, match="grid_size"):
         select_bbox_jax(jnp.ones((16, 16)), jnp.array([100, 100]), 336, grid_size=jnp.array([4, 5, 6]))
+
+
+def test_selection_box_sizes_hold_every_selected_box():
+    # Qwen2.5-VL sizes its device crops from this list before any map exists: a box outside it would not fit.
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        size = (int(rng.integers(20, 900)), int(rng.integers(20, 900)))
+        grid = (int(rng.integers(1, 30)), int(rng.integers(1, 30)))
+        base = int(rng.choice([28, 112, 224, 336]))
+        importance = rng.random(grid).astype(np.float32) ** 8
+        left, top, right, bottom = select_bbox(importance, size, base)
+        assert (right - left, bottom - top) in selection_box_sizes(size, base, grid), (size, grid, base)

@@ -25,7 +25,7 @@ from vicrop_jax import lmms_eval as integration
 from vicrop_jax._generation import pixel_values
 from vicrop_jax.cli import main
 from vicrop_jax.testing.synthetic import make_record, write_dataset
-from vicrop_jax.vicrop._api import base_size
+from vicrop_jax.vicrop.engine import base_size
 
 TASK_FOLDER = Path(__file__).parent / "lmms_task"
 TASK = "vicrop_synthetic"

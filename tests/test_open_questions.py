@@ -16,7 +16,7 @@ from vicrop_jax.cli import main
 from vicrop_jax.families import LLAVA
 from vicrop_jax.nn.decoding import pad_prompt, prefill
 from vicrop_jax.testing.hf_models import noise_image
-from vicrop_jax.vicrop import _api, _pipeline
+from vicrop_jax.vicrop import _pipeline, engine
 from vicrop_jax.vicrop.boxes import outside_mass, select_bbox, select_boxes
 
 QUESTION = "What is the color of the small shape ?"
@@ -198,8 +198,8 @@ def test_a_question_that_fits_one_crop_but_not_eight_is_refused_for_eight(model)
     if model.family is not LLAVA:
         pytest.skip("InstructBLIP's Q-Former limits the question before the LM does")
     question = " ".join(["red"] * (model.config.text.max_position_embeddings - 2 * model.config.tokens_per_image - 60))
-    assert _api.question_problem(model, question, 20, crops=1) is None
-    assert "too long" in _api.question_problem(model, question, 20, crops=8)
+    assert engine.question_problem(model, question, 20, crops=1) is None
+    assert "too long" in engine.question_problem(model, question, 20, crops=8)
     with pytest.raises(ValueError, match="too long"):
         vicrop_jax.answer(model, IMAGES[0], question, "rel_att", regions=8)
 

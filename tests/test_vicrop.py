@@ -12,7 +12,7 @@ import vicrop_jax
 from vicrop_jax._generation import generate_ids, pixel_values, prompt_inputs
 from vicrop_jax.nn.decoding import strip_generated
 from vicrop_jax.families import INSTRUCTBLIP, LLAVA
-from vicrop_jax.vicrop import _api as _vicrop, _pipeline
+from vicrop_jax.vicrop import _api as _vicrop, _pipeline, engine
 from vicrop_jax.vicrop.boxes import tile_grid
 from vicrop_jax.vicrop.methods import resolve_method
 from vicrop_jax.testing.hf_models import llava_config, noise_image as scene, save_llava
@@ -234,20 +234,20 @@ def test_answer_batch_answers_the_others_when_a_record_fails(model, tmp_path):
 
 
 def test_batches_are_padded_only_to_the_devices_and_large_images_run_alone():
-    assert [_vicrop.padded_batch_size(count) for count in (1, 3, 8)] == [1, 3, 8]
-    assert _vicrop.padded_batch_size(3, devices=8) == 8 and _vicrop.padded_batch_size(9, devices=8) == 16
+    assert [engine.padded_batch_size(count) for count in (1, 3, 8)] == [1, 3, 8]
+    assert engine.padded_batch_size(3, devices=8) == 8 and engine.padded_batch_size(9, devices=8) == 16
     small, large = Image.new("RGB", (640, 480)), Image.new("RGB", (5000, 4000))
-    assert _vicrop.image_groups([small, large, small, large]) == [[0, 2], [1], [3]]
-    assert _vicrop.image_groups([large]) == [[0]]
+    assert engine.image_groups([small, large, small, large]) == [[0, 2], [1], [3]]
+    assert engine.image_groups([large]) == [[0]]
 
 
 def test_the_answer_step_takes_any_number_of_crops(model):
     """Two crop boxes: the device program's answer equals `generate` over the original and the same two crops."""
     image = scene(300, 200)
     boxes = np.array([[40, 30, 152, 142], [150, 60, 262, 172]], np.int32)
-    crop = _vicrop.crop_inputs(model, image, QUESTION, (2,))
+    crop = engine.crop_inputs(model, image, QUESTION, (2,))
     pixels = pixel_values(model, [image])[0]
-    tokens, lengths = _pipeline.crop_and_answer(_vicrop.static_model(model), model.params, pixels, crop, boxes,
+    tokens, lengths = _pipeline.crop_and_answer(engine.static_model(model), model.params, pixels, crop, boxes,
                                                 max_new_tokens=8)
     crops = [_vicrop.device_crop(model, image, box) for box in boxes]
     ids, image_text = prompt_inputs(model, model.family.prompt(QUESTION, 3), 3)

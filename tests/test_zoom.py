@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -16,16 +17,18 @@ import torch
 import vicrop_jax
 from vicrop_jax._generation import pixel_values, prompt_inputs
 from vicrop_jax.cli import main
-from vicrop_jax.prompts import EXISTENCE_QUESTION, llava_prompt
+from vicrop_jax.prompts import EXISTENCE_QUESTION, NO_WORD, YES_WORD, llava_prompt
 from vicrop_jax.testing.hf_models import (
     instructblip_config, llava_config, noise_image, qwen2_5_vl_config, save_instructblip, save_llava,
     save_qwen2_5_vl,
 )
-from vicrop_jax.vicrop._api import ModelPasses, answers_with_crops, plain_answers
+from vicrop_jax.vicrop import zoom
+from vicrop_jax.vicrop.engine import Engine, answer_token
 from vicrop_jax.vicrop.methods import resolve_method
-from vicrop_jax.vicrop.strategy import Cost
+from vicrop_jax.vicrop.strategy import Cost, Search
 from vicrop_jax.vicrop.zoom import (
-    MAX_TARGET_TOKENS, Search, ZoomSearch, combined_relevance, split_box, target_from_question, tree_depth, view_box,
+    MAX_TARGET_TOKENS, ZoomSearch, combined_relevance, run_searches, split_box, target_from_question, tree_depth,
+    view_box,
 )
 
 QUESTION = "What is the color of the small shape ?"
@@ -59,7 +62,7 @@ def test_the_target_is_the_last_object_phrase_of_the_question():
 
 
 def test_focus_map_is_the_same_with_fused_and_explicit_attention(model):
-    passes = ModelPasses(model)
+    passes = Engine(model)
     question = EXISTENCE_QUESTION.format(target=TARGET)
     maps = {kernel: passes.relevance(noise_image(), question, TARGET,
                                      resolve_method(model, "focus", attention=kernel))[0]
@@ -67,6 +70,23 @@ def test_focus_map_is_the_same_with_fused_and_explicit_attention(model):
     assert maps["fused"].shape == maps["explicit"].shape and maps["fused"].ndim == 2
     np.testing.assert_allclose(maps["fused"], maps["explicit"], rtol=1e-5, atol=1e-5 * maps["explicit"].max())
     assert maps["fused"].max() == pytest.approx(1.0) and maps["fused"].std() > 0
+
+
+def test_yes_no_questions_about_one_view_share_its_prefix_and_equal_whole_prompts(model):
+    engine = Engine(model)
+    views = [noise_image(120, 90, seed=1), noise_image(60, 200, seed=2), noise_image(seed=3)]
+    questions = [["Is there a red circle in the image?", "Is the small shape blue?"], ["Is it here?"],
+                 ["Is there a small shape in the image?", "Could it be a square?"]]
+    yes, lengths = engine.yes_probabilities(views, questions)
+    assert [len(p) for p in yes] == [2, 1, 2] and [len(n) for n in lengths] == [2, 1, 2]
+    for view, asked, shared, length in zip(views, questions, yes, lengths):
+        pixels, prompts = model.family.plain_inputs(model, [view] * len(asked), asked)
+        by_view = jax.tree_util.tree_map(lambda leaf: leaf[None], prompts)
+        yes_no = np.array([answer_token(model, YES_WORD), answer_token(model, NO_WORD)], np.int32)
+        whole = zoom.yes_probabilities(engine.static._replace(prefix_tokens=None), model.params, pixels[:1], by_view,
+                                       yes_no)[0]
+        np.testing.assert_allclose(shared, whole, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(length, prompts.length)
 
 
 def _reference_focus_map(hf_model, inputs, target_positions, image_positions, first_layer: int) -> np.ndarray:
@@ -101,7 +121,7 @@ def test_focus_map_equals_its_formula_on_the_transformers_value_cache(tmp_path):
     inputs = {"input_ids": torch.tensor([ids]),
               "pixel_values": torch.tensor(pixel_values(model, [image]).transpose(0, 3, 1, 2))}
     strategy = resolve_method(model, "focus", attention="explicit")
-    ours, _ = ModelPasses(model).relevance(image, question, TARGET, strategy)
+    ours, _ = Engine(model).relevance(image, question, TARGET, strategy)
     target_ids = AutoTokenizer.from_pretrained(tmp_path)(TARGET, add_special_tokens=False)["input_ids"]
     start = max(i for i in range(len(ids)) if ids[i: i + len(target_ids)] == target_ids)
     image_positions = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
@@ -122,8 +142,9 @@ class ScriptedPasses:
         self.asked: list[str] = []
 
     def yes_probabilities(self, views, questions):
-        self.asked += questions
-        return np.asarray([self.yes(v, q) for v, q in zip(views, questions)]), Cost(len(views), 10 * len(views))
+        self.asked += [q for asked in questions for q in asked]
+        return ([np.asarray([self.yes(v, q) for q in asked]) for v, asked in zip(views, questions)],
+                [np.full(len(asked), 10) for asked in questions])
 
 
 def scored_nodes(passes: ScriptedPasses) -> int:
@@ -137,18 +158,42 @@ def test_the_search_keeps_to_its_node_budget_and_is_deterministic(budget):
     strategy = ZoomSearch(node_budget=budget, answer_threshold=0.99, lower_threshold=-1.0)
     passes = ScriptedPasses()
     first = strategy.search(passes, image, QUESTION, TARGET)
-    assert scored_nodes(passes) <= budget and first.cost.passes == len(passes.asked)
+    assert scored_nodes(passes) <= budget and first.cost.passes <= len(passes.asked)
     assert first == strategy.search(ScriptedPasses(), image, QUESTION, TARGET)
     for box in first.boxes:
         assert 0 <= box[0] < box[2] <= 640 and 0 <= box[1] < box[3] <= 480
 
 
+def test_searches_side_by_side_find_what_they_find_alone_in_fewer_calls():
+    images = [noise_image(640, 480, seed=i) for i in range(3)] + [noise_image(200, 900, seed=3)]
+    strategy = ZoomSearch(node_budget=30, answer_threshold=0.99, lower_threshold=-1.0)
+
+    class Counted(ScriptedPasses):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def yes_probabilities(self, views, questions):
+            self.calls.append(sum(len(asked) for asked in questions))
+            return super().yes_probabilities(views, questions)
+
+    alone = [Counted() for _ in images]
+    found = [strategy.search(passes, image, QUESTION, TARGET) for passes, image in zip(alone, images)]
+    together = Counted()
+    assert run_searches(together, [strategy.steps(together, image, QUESTION, TARGET) for image in images]) == found
+    assert len(together.calls) == max(len(passes.calls) for passes in alone) < sum(len(p.calls) for p in alone)
+    assert sum(together.calls) == sum(sum(passes.calls) for passes in alone)
+
+
 def test_without_a_budget_the_search_is_bounded_by_its_pop_limits():
     passes = ScriptedPasses(lambda view, question: 0.0)  # never answerable: every threshold drop happens
-    assert ZoomSearch().search(passes, noise_image(1000, 800), QUESTION, TARGET).boxes == ()
+    found = ZoomSearch().search(passes, noise_image(1000, 800), QUESTION, TARGET)
     pops = sum(q.startswith("Question:") for q in passes.asked)
     depth = tree_depth((0, 0, 1000, 800), 56, 4, 5)  # 3 pops per level, 2 more per drop, 5 drops from 0.6 to -0.2
-    assert pops == 3 * depth + 2 * 4 and scored_nodes(passes) == 1 + 4 * (pops - 1)  # the last pop ends it
+    assert found.boxes == () and pops == 3 * depth + 2 * 4
+    # each pop's children are asked beside it; the last pop ends the search, so its children are neither
+    # scored nor counted
+    assert scored_nodes(passes) == 1 + 4 * pops and found.cost.passes == pops + 2 * 4 * (pops - 1)
 
 
 def test_the_tree_splits_views_as_zoomeye_does():
@@ -211,9 +256,9 @@ def test_the_answer_comes_from_the_crop_alone_or_from_the_original_and_the_crop(
     crop = vicrop_jax.answer(model, image, QUESTION, "focus", target=TARGET)
     both = vicrop_jax.answer(model, image, QUESTION, "focus", target=TARGET, answer_views="both")
     assert crop.boxes == both.boxes and len(crop.boxes) == 1
-    alone, original = plain_answers(model, [image.crop(crop.bbox), image], [QUESTION] * 2, 20)
+    alone, original = Engine(model).plain_answers([image.crop(crop.bbox), image], [QUESTION] * 2)
     assert (crop.answer, crop.original_answer) == (alone.text, original.text)
-    texts, answer_cost = answers_with_crops(model, image, QUESTION, both.boxes, 20)
+    texts, answer_cost = Engine(model).answers_with_crops(image, QUESTION, both.boxes)
     assert (both.answer, both.original_answer) == texts
     assert crop.cost.passes == both.cost.passes  # the search, then one answer pass
     assert crop.cost.prefill_tokens - alone.cost.prefill_tokens == both.cost.prefill_tokens - answer_cost.prefill_tokens

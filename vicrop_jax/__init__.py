@@ -27,13 +27,13 @@ Everything else is importable for research use but private by convention.
 from vicrop_jax import viz
 from vicrop_jax._generation import generate
 from vicrop_jax._loading import Model, load
-from vicrop_jax.vicrop._api import Answer, BatchError, answer, answer_batch, importance_map
+from vicrop_jax.vicrop._api import BatchError, answer, answer_batch, importance_map
 from vicrop_jax.vicrop.boxes import select_bbox, select_boxes
 from vicrop_jax.vicrop.methods import (
     ByConfidence, CenterCrop, Geometry, GradAtt, GroundTruth, MapMethod, NoCrop, PureGrad, RandomCrop, RelAtt,
     Strategy,
 )
-from vicrop_jax.vicrop.strategy import Cost
+from vicrop_jax.vicrop.strategy import Answer, Cost
 from vicrop_jax.vicrop.zoom import AnswerViews, Focus, ZoomSearch
 
 __all__ = [

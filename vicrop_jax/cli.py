@@ -173,11 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:
-        print(f"vicrop-jax {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return _failed(args.command, str(error))
     except OSError as error:  # a read-only or full disk, a folder where a file was expected
-        print(f"vicrop-jax {args.command}: error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
-        return 2
+        return _failed(args.command, f"{error.filename or ''}: {error.strerror or error}")
+
+
+def _failed(command: str, why: str) -> int:
+    """The error in one write, line end included: a library thread logging at the same time (Orbax's failed
+    reads) cannot land between the message and its newline."""
+    sys.stderr.write(f"vicrop-jax {command}: error: {why}\n")
+    sys.stderr.flush()
+    return 2
 
 
 if __name__ == "__main__":

@@ -36,10 +36,11 @@ from vicrop_jax._generation import pixel_values
 from vicrop_jax._loading import Model
 from vicrop_jax.cli import DTYPE_CHOICES
 from vicrop_jax.nn.decoding import pad_prompt
-from vicrop_jax.vicrop._api import host_boxes
+from vicrop_jax.vicrop.engine import Engine
 from vicrop_jax.vicrop.methods import (
-    GroundTruth, NoCrop, Strategy, method_from_name, option_names, resolve_method, strategy_class, typed_options,
+    Strategy, method_from_name, option_names, resolve_method, strategy_class, typed_options,
 )
+from vicrop_jax.vicrop.strategy import Record
 
 MODEL_NAME = "vicrop_jax"
 MANIFEST = ModelManifest(model_id=MODEL_NAME, simple_class_path="vicrop_jax.lmms_eval.VicropJax")
@@ -89,7 +90,7 @@ def parse_model_args(args: dict[str, Any]) -> ModelArgs:
         method_options = ", ".join(option_names(method_class)) or "none"
         raise ValueError(f"unknown model_args {', '.join(unknown)}; valid: {', '.join(fields)}, and the options of "
                          f"method {method_name!r}: {method_options}")
-    if issubclass(method_class, GroundTruth):
+    if method_class.needs_box:
         refusal = (f"method {method_name!r} crops the dataset's ground-truth box, which lmms-eval requests do not "
                    "carry; choose a map method or another baseline")
         raise ValueError(refusal)  # noqa: TRY004 (a method the user chose, not an argument of a wrong type)
@@ -267,8 +268,7 @@ class VicropJax(lmms):
         for seed, ((context, task, split, doc_id), positions) in enumerate(questions.items()):
             doc = self._doc(task, split, doc_id)
             image = one_image(requests[positions[0]].args[2](doc), task, doc_id)
-            boxes = () if isinstance(self.method, NoCrop) else host_boxes(self.model, image, context, self.method,
-                                                                            seed=seed).boxes
+            boxes = self.method.host_boxes(Engine(self.model), Record(image, context, context, seed=seed)).boxes
             pixels = pixel_values(self.model, [image] + [image.crop(box) for box in boxes])
             for position in positions:
                 target = requests[position].args[1]

@@ -279,10 +279,14 @@ def preprocess_batch(images: Iterable[ImageInput], config: ImageProcessorConfig)
     releases the GIL.
     """
     images = list(images)
-    if len(images) < 2:
-        return np.stack([preprocess(image, config) for image in images])
-    with ThreadPoolExecutor(min(len(images), os.cpu_count() or 1)) as pool:
-        return np.stack(list(pool.map(lambda image: preprocess(image, config), images)))
+    unique = list({id(image): image for image in images}.values())  # an image given twice is processed once
+    if len(unique) < 2:
+        processed = [preprocess(image, config) for image in unique]
+    else:
+        with ThreadPoolExecutor(min(len(unique), os.cpu_count() or 1)) as pool:
+            processed = list(pool.map(lambda image: preprocess(image, config), unique))
+    by_id = {id(image): pixels for image, pixels in zip(unique, processed)}
+    return np.stack([by_id[id(image)] for image in images])
 
 
 def _resized_size(height: int, width: int, size: Mapping[str, int]) -> tuple[int, int]:

@@ -32,14 +32,13 @@ from PIL import Image
 
 import vicrop_jax
 from vicrop_jax import select_bbox
-from vicrop_jax.vicrop._api import map_inputs, static_model
+from vicrop_jax.vicrop.engine import Engine, map_inputs, static_model
 from vicrop_jax.vicrop.methods import RelAtt, resolve_method
 from vicrop_jax.evaluation.metrics import TERCILES, attention_ratio, tercile, tercile_edges
 from vicrop_jax.evaluation.results import read_results
 from vicrop_jax.evaluation.runner import EvalSettings, evaluate
 from vicrop_jax.prompts import YES_WORD
 from vicrop_jax.testing.synthetic import QUESTION_TYPES, make_record, write_dataset
-from vicrop_jax.vicrop._api import ModelPasses, plain_answers
 from vicrop_jax.vicrop.boxes import outside_mass, select_boxes
 
 EVAL_SEED = 1
@@ -201,7 +200,7 @@ def calibrate(model_name: str, out: Path, count: int, batch_size: int) -> dict:
     confidence = {}
     for begin in range(0, len(records), batch_size):
         chunk = records[begin: begin + batch_size]
-        answers = plain_answers(model, [scenes[r["id"]] for r in chunk], [r["question"] for r in chunk], 20)
+        answers = Engine(model).plain_answers([scenes[r["id"]] for r in chunk], [r["question"] for r in chunk])
         confidence.update({r["id"]: a.confidence for r, a in zip(chunk, answers)})
     gain = np.mean([rel[i]["crop_correct"] - rel[i]["original_correct"] for i in rel])
     gated = lambda t: np.mean([rel[i]["crop_correct"] if confidence[i] < t else rel[i]["original_correct"]  # noqa: E731
@@ -243,12 +242,12 @@ def yes_no_accuracy(model, seed: int, count: int, batch_size: int = 32) -> dict[
 
     rng = np.random.default_rng([seed, 1])
     asked = [aux_question(rng, make_record(seed, i)) for i in range(count)]
-    passes = ModelPasses(model)
+    passes = Engine(model)
     right: dict[str, list[bool]] = {form: [] for form in AUX_QUESTIONS}
     for begin in range(0, count, batch_size):
         chunk = asked[begin: begin + batch_size]
-        yes, _ = passes.yes_probabilities([aux.view for aux in chunk], [aux.question for aux in chunk])
-        for aux, p in zip(chunk, yes):
+        yes, _ = passes.yes_probabilities([aux.view for aux in chunk], [[aux.question] for aux in chunk])
+        for aux, [p] in zip(chunk, yes):
             right[aux.form].append((p > 0.5) == (aux.answer == YES_WORD))
     return {form: percent(values) for form, values in right.items()}
 

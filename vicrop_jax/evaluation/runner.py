@@ -54,9 +54,9 @@ from jax.sharding import Mesh
 
 import vicrop_jax
 from vicrop_jax._loading import Model, checkpoint_identity
-from vicrop_jax.vicrop._api import most_crops, padded_batch_size, question_problem, run_padded_batch
+from vicrop_jax.vicrop.engine import Engine, padded_batch_size, question_problem
 from vicrop_jax.vicrop.methods import (
-    SECOND_REGION_MASS, GroundTruth, MapMethod, Strategy, method_from_name, option_names, resolve_method,
+    SECOND_REGION_MASS, Strategy, method_from_name, option_names, resolve_method,
     strategy_class, typed_options,
 )
 from vicrop_jax.evaluation.datasets import Record, check_options, read_dataset, record_options
@@ -64,6 +64,7 @@ from vicrop_jax.evaluation.metrics import METRIC_NAMES, area_fraction, score_ans
 from vicrop_jax.evaluation.progress import progress_bar
 from vicrop_jax.evaluation.results import append_results, exclusive_writer, process_path, read_results
 from vicrop_jax.preprocessing import load_image
+from vicrop_jax.vicrop.strategy import Record as StrategyRecord
 
 MAX_LISTED_FAILURES = 10
 
@@ -226,8 +227,8 @@ def clipped_bbox(bbox: tuple[float, ...] | None, image_size: tuple[int, int]) ->
 def prepare(model: Model, strategy: Strategy, settings: EvalSettings, index: int, record: Record) -> Prepared:
     """Host checks before batching, so that a bad record never reaches (and fails) a batch."""
     problem = question_problem(model, record.question, settings.max_new_tokens, record.short_question,
-                               crops=most_crops(strategy))
-    if problem is None and isinstance(strategy, GroundTruth) and record.bbox is None:
+                               crops=strategy.most_crops)
+    if problem is None and strategy.needs_box and record.bbox is None:
         problem = "method 'gt' needs the record's ground-truth 'bbox'"
     if problem is not None:
         return Prepared(index, record, error=problem, error_kind="question")
@@ -284,23 +285,16 @@ def run_strategy(settings: EvalSettings) -> Strategy:
     return method_from_name(settings.method, **{k: v for k, v in flags.items() if k in names}, **options)
 
 
-def batch_answer_fn(model: Model, strategy: Strategy, settings: EvalSettings, mesh: Mesh | None, batch_size: int):
-    """Map methods: `answer_batch`'s vmapped program, sharded over `mesh`, one compile per bucket and batch
-    size (the last batch's and a retry's too). Others: `answer` per record, seeded by dataset position."""
+def batch_answer_fn(model: Model, strategy: Strategy, settings: EvalSettings, mesh: Mesh | None):
+    """The strategy's answers of a batch (map methods: one vmapped program, sharded over `mesh`, one compile per
+    bucket and batch size), each record seeded by its dataset position."""
     strategy = resolve_method(model, strategy)
-    if not isinstance(strategy, MapMethod) or settings.high_res:
-        return lambda prepared: [
-            vicrop_jax.answer(model, p.image, p.record.question, strategy,
-                              short_question=p.record.short_question, high_res=settings.high_res,
-                              bbox=p.record.bboxes or p.record.bbox, seed=settings.seed + p.index,
-                              max_new_tokens=settings.max_new_tokens, target=p.record.target)
-            for p in prepared
-        ]
-    return lambda prepared: run_padded_batch(
-        model, [p.image for p in prepared], [p.record.question for p in prepared],
-        [p.record.short_question or p.record.question for p in prepared], strategy, settings.max_new_tokens,
-        batch_size, mesh,
-    )
+    engine = Engine(model, settings.max_new_tokens, settings.high_res, mesh=mesh)
+    return lambda prepared: strategy.run(engine, [
+        StrategyRecord(p.image, p.record.question, p.record.short_question or p.record.question,
+               p.record.bboxes or p.record.bbox, settings.seed + p.index, p.record.target)
+        for p in prepared
+    ])
 
 
 def result_line(prepared: Prepared, outcome: Outcome | None, identity: dict, dataset: str,
@@ -409,7 +403,7 @@ def evaluate(settings: EvalSettings) -> int:
         if mesh is not None:  # the parameters are replicated over the mesh once, for every batch of the run
             replicated = jax.device_put(model.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
             model = dataclasses.replace(model, params=replicated)
-        answer_fn = batch_answer_fn(model, strategy, settings, mesh, batch_size)
+        answer_fn = batch_answer_fn(model, strategy, settings, mesh)
         progress = progress_bar("eval", len(assigned), len(assigned) - len(pending))
         run_batches(model, strategy, settings, identity, pending, handle, batch_size, answer_fn, progress,
                     settings.data.stem)

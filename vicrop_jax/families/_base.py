@@ -19,7 +19,7 @@ import numpy as np
 
 from vicrop_jax.nn.decoding import bucket_length
 from vicrop_jax.preprocessing import ImageProcessorConfig, normalize_crop, preprocess_batch
-from vicrop_jax.vicrop.boxes import crop_and_resize_jax
+from vicrop_jax.crop_resize import crop_and_resize_jax
 
 ReadAttention = Callable[[str], jax.Array]  # sown name -> probabilities [N, T, S] of one prompt
 IMAGE_BUCKET = 256
@@ -156,17 +156,25 @@ class Family(abc.ABC):
         """Prompts tokenized and right-padded to one common bucket, so they stack into a batch."""
         encoded = [self.prompt_inputs(model, prompt, num_images) for prompt in prompts]
         bucket = bucket_length(max(len(ids) for ids, _ in encoded))
+        # the image encoder's own text (InstructBLIP's Q-Former prompt, zero-padded and masked) to the longest
+        text_length = [max((text[i].shape[-1] for _, text in encoded), default=0) for i in range(len(encoded[0][1]))]
         arrays = []
         for ids, image_text in encoded:
             padded = np.zeros(bucket, np.int32)
             padded[: len(ids)] = ids
-            arrays.append(PromptArrays(padded, np.int32(len(ids)), tuple(text[0] for text in image_text)))
+            texts = tuple(np.pad(text[0], (0, length - text.shape[-1]))
+                          for text, length in zip(image_text, text_length))
+            arrays.append(PromptArrays(padded, np.int32(len(ids)), texts))
         return arrays
 
     def plain_inputs(self, model, images: list, questions: list[str]) -> tuple[Any, PromptArrays]:
         """A batch's images and question prompts over them alone, stacked on a leading axis."""
         prompts = self.prompt_arrays(model, [self.prompt(q) for q in questions])
         return preprocess_batch(images, model.image_config), stack_arrays(prompts)
+
+    def map_grid(self, model, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The (gh, gw) of an image's map (a fixed grid here)."""
+        return (model.config.vision.grid_size,) * 2
 
     def host_map(self, model, image, importance: np.ndarray) -> np.ndarray:
         """A map program's output as the map [gh, gw] of `image` (already so for fixed-grid families)."""
@@ -227,10 +235,12 @@ class Family(abc.ABC):
                 stack_arrays([general] * len(images)), None if high_pass[0] is None else np.stack(high_pass))
 
     def answer_batch_prompts(self, model, images: list, questions: list[str], counts: tuple[int, ...],
-                             base_size: int, boxes=None) -> tuple[tuple[PromptArrays, ...], PromptArrays, Any, Any]:
+                             box_sizes: list[set[tuple[int, int]]]
+                             ) -> tuple[tuple[PromptArrays, ...], PromptArrays, Any, Any]:
         """A batch's answer prompts, stacked: per crop count the prompts over the original and that many crops,
         the prompts over the original alone, and what a family at native resolution needs to size its crops on
-        the device (the crop sizes it may meet and the static `CropGeometry`; None, None here)."""
+        the device from the box sizes (w, h) each image may meet (the crop sizes with their processed sizes, and
+        the static `CropGeometry`; None, None here)."""
         with_crops = tuple(stack_arrays(self.prompt_arrays(model, [self.prompt(q, 1 + count) for q in questions],
                                                            num_images=1 + count))
                            for count in counts)

@@ -37,7 +37,7 @@ from vicrop_jax.preprocessing import normalize_crop
 from vicrop_jax.prompts import QWEN_IMAGE, qwen2_5_vl_prompt
 from vicrop_jax.qwen_preprocessing import (QwenImage, QwenImageProcessorConfig, image_grid, preprocess_qwen,
                                            resized_size)
-from vicrop_jax.vicrop.boxes import RATIOS, _half, _window_cells, crop_and_resize_into_jax
+from vicrop_jax.crop_resize import crop_and_resize_into_jax
 from weights_conversion.qwen2_5_vl_table import QWEN_KEY_ALIASES, qwen2_5_vl_table
 
 PATCH_BUCKET = 256  # a prompt's patches are padded to this (64 merged tokens) times a power of two
@@ -238,10 +238,14 @@ class QwenFamily(Family):
                                               [self.prompt(q) for q in questions], self.pixel_budget(model))
         return patches, stack_arrays(prompts)
 
+    def map_grid(self, model, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The image's merged token grid."""
+        _, gh, gw = merged_grid(model.config, image_grid(*image_size, model.image_config, self.pixel_budget(model)))
+        return gh, gw
+
     def host_map(self, model, image, importance: np.ndarray) -> np.ndarray:
         """The map over the bucket's merged tokens [..., M] -> the image's token grid [..., gh, gw]."""
-        grid = image_grid(*image.size, model.image_config, self.pixel_budget(model))
-        _, gh, gw = merged_grid(model.config, grid)
+        gh, gw = self.map_grid(model, image.size)
         return importance[..., : gh * gw].reshape(*importance.shape[:-1], gh, gw)
 
     def default_layer(self, num_layers: int) -> int:
@@ -308,27 +312,15 @@ class QwenFamily(Family):
         patch_mask = patch_rows(high_pass, vision.patch_size, vision.spatial_merge_size)
         return np.pad(patch_mask, ((0, rows - len(patch_mask)), (0, 0), (0, 0)))
 
-    def crop_sizes(self, model, image_size: tuple[int, int], base_size: int, boxes=None) -> list[tuple[int, ...]]:
-        """(box w, box h, processed w, processed h) of every box size the device may crop from an image of this
-        size: the given boxes', or the box selection's (a side of 2 * (B*r // 2) per ratio, cut at the image's
-        edges, and the whole image where the smallest window covers the map)."""
-        width, height = image_size
-        if boxes is not None:
-            sizes = {(right - left, bottom - top) for left, top, right, bottom in boxes}
-        else:
-            sizes = {(min(2 * _half(base_size, r), width), min(2 * _half(base_size, r), height)) for r in RATIOS}
-            _, gh, gw = merged_grid(model.config, image_grid(width, height, model.image_config,
-                                                             self.pixel_budget(model)))
-            if _window_cells(base_size, 1.0, width, gw) == gw and _window_cells(base_size, 1.0, height, gh) == gh:
-                sizes.add((width, height))
+    def crop_sizes(self, model, box_sizes) -> list[tuple[int, ...]]:
+        """(box w, box h, processed w, processed h) of every box size (w, h) the device may crop."""
         budget = self.pixel_budget(model)
-        return [(w, h, *resized_size(w, h, model.image_config, budget)) for w, h in sorted(sizes)]
+        return [(w, h, *resized_size(w, h, model.image_config, budget)) for w, h in sorted(box_sizes)]
 
-    def answer_batch_prompts(self, model, images, questions, counts, base_size, boxes=None):
+    def answer_batch_prompts(self, model, images, questions, counts, box_sizes):
         """The crops' processed sizes decide the static shapes (`CropGeometry`); each crop's block of placeholders
         is built at the batch's most crop tokens and cut on the device."""
-        tables = [self.crop_sizes(model, image.size, base_size, None if boxes is None else boxes[i])
-                  for i, image in enumerate(images)]
+        tables = [self.crop_sizes(model, sizes) for sizes in box_sizes]
         # every static shape on a ladder of powers of two, so that a dataset of any sizes compiles few programs
         rows = [row for table in tables for row in table]
         side = 8 * model.image_config.factor  # the canvas of a crop: 224 px (8 merged tokens) times a power of two

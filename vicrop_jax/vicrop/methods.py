@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import time
 import types
 import typing
 from typing import Any, ClassVar
@@ -25,12 +26,12 @@ import PIL.Image
 from vicrop_jax.families import PromptArrays
 from vicrop_jax.families._base import ImageFeatures
 from vicrop_jax.prompts import GENERAL_QUESTION
-from vicrop_jax.vicrop.boxes import Box, center_box, grow_box, random_box
+from vicrop_jax.vicrop.boxes import Box, center_box, grow_box, outside_mass, random_box, select_boxes
 from vicrop_jax.vicrop.maps import (
-    PrefixMap, QuestionPass, QuestionPrefill, StaticModel, attention_and_gradient, attention_times_gradient, captured_attention,
-    high_pass_mask, prefill_prefix, prompt_run, run_plain, score, split_prompt, suffix_run,
+    PrefixMap, QuestionPass, QuestionPrefill, StaticModel, attention_and_gradient, attention_times_gradient,
+    captured_attention, high_pass_mask, prefill_prefix, prompt_run, run_plain, score, split_prompt, suffix_run,
 )
-from vicrop_jax.vicrop.strategy import Cost, Strategy, default_map_layer
+from vicrop_jax.vicrop.strategy import Answer, Cost, Record, Search, Strategy, default_map_layer
 from vicrop_jax.vicrop.zoom import Focus, ZoomSearch
 
 
@@ -39,6 +40,15 @@ class NoCrop(Strategy):
     """The original image only."""
 
     name: ClassVar[str] = "none"
+
+    def run(self, engine, records):
+        start = time.perf_counter()
+        plain = engine.plain_answers([r.image for r in records], [r.question for r in records])
+        share = (time.perf_counter() - start) / len(records)
+        return [Answer(p.text, p.text, (), None, {"total": share}, cost=p.cost) for p in plain]
+
+    def host_boxes(self, engine, record):
+        return Search((), None, Cost())
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,6 +63,9 @@ class FixedCrop(Strategy, abc.ABC):
         """The crop boxes: one, unless the baseline crops several regions."""
         return [self.box(image_size, base_size, bbox, seed)]
 
+    def host_boxes(self, engine, record):
+        return Search(tuple(self.boxes(record.image.size, engine.base_size, record.bbox, record.seed)), None, Cost())
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GroundTruth(FixedCrop):
@@ -60,6 +73,7 @@ class GroundTruth(FixedCrop):
     each."""
 
     name: ClassVar[str] = "gt"
+    needs_box: ClassVar[bool] = True
 
     def box(self, image_size, base_size, bbox, seed):
         if bbox is None:
@@ -131,6 +145,10 @@ class MapMethod(Strategy, abc.ABC):
     backward_passes: ClassVar[int] = 0
 
     @property
+    def most_crops(self) -> int:
+        return max(self.crop_counts)
+
+    @property
     def crop_counts(self) -> tuple[int, ...]:
         """The numbers of crops an answer may take: one program prefills each count's prompt."""
         return (1, 2) if self.regions == AUTO_REGIONS else (self.regions,)
@@ -155,6 +173,28 @@ class MapMethod(Strategy, abc.ABC):
             raise ValueError(f"heads {list(heads)} invalid: LM heads are 0..{config.text.num_heads - 1}")
         model.family.check_map_options(config, method)
         return method
+
+    def run(self, engine, records):
+        """The device pipeline over the records it can run, the host path for the others; with a gate, the plain
+        answers first and the method without its gate for the records below it."""
+        if self.gate is not None:
+            return _gated(engine, records, self)
+        on_device = [engine.on_device(r) for r in records]
+        by_device = iter(engine.pipeline_answers(self, [r for r, d in zip(records, on_device) if d]))
+        by_host = iter(super().run(engine, [r for r, d in zip(records, on_device) if not d]))
+        return [next(by_device) if d else next(by_host) for d in on_device]
+
+    def host_boxes(self, engine, record):
+        importance, cost = engine.map(record, self)
+        frame = engine.map_frame(record.image.size, self)
+        boxes = select_boxes(importance, record.image.size, engine.base_size, max(self.crop_counts), frame)
+        if len(self.crop_counts) > 1:
+            wanted = outside_mass(importance, boxes[0], record.image.size, frame) > self.second_region_mass
+            boxes = boxes[: self.crop_counts[int(wanted)]]
+        return Search(tuple(boxes), importance, cost)
+
+    def importance(self, engine, record):
+        return engine.map(record, self)[0]
 
     def map_cost(self, question_length: int, general_length: int) -> Cost:
         """The map's model passes as the published procedure runs them, each prompt whole (a shared prefix or a
@@ -184,6 +224,26 @@ class MapMethod(Strategy, abc.ABC):
         """The plain attention map [gh, gw] of one prompt (rel-att's numerator or denominator)."""
         read, _ = captured_attention(static.module, params, prompt_run(static.family, pixels, prompt, self))
         return static.family.attention_map(static.config, read, prompt.length - 1, prompt, self)
+
+
+def _gated(engine, records: list[Record], method: MapMethod) -> list[Answer]:
+    """A gate around a map method: the plain answers of all records, then the method (its gate removed) for
+    those whose plain answer is less sure than the gate, in batches padded to a power of two. Where the engine
+    can, it continues from the plain pass instead (`Engine.continued_gate`)."""
+    continued = engine.continued_gate(method, records)
+    if continued is not None:
+        return continued
+    start = time.perf_counter()
+    plain = engine.plain_answers([r.image for r in records], [r.question for r in records])
+    share = (time.perf_counter() - start) / len(records)
+    answers = [Answer(p.text, p.text, (), None, {"total": share}, p.confidence, cost=p.cost) for p in plain]
+    crop = [i for i, p in enumerate(plain) if p.confidence < method.gate]
+    cropped = method.program_method.run(dataclasses.replace(engine, power_of_two_batches=True),
+                                        [records[i] for i in crop]) if crop else []
+    for i, result in zip(crop, cropped):
+        answers[i] = dataclasses.replace(result, confidence=plain[i].confidence, cost=plain[i].cost + result.cost,
+                                         timings={**result.timings, "total": share + result.timings["total"]})
+    return answers
 
 
 def _checked_regions(regions) -> int | str:
@@ -352,6 +412,11 @@ class ByConfidence(MapMethod):
     candidate_names: ClassVar[tuple[str, ...]] = ("rel_att", "grad_att")
     backward_passes: ClassVar[int] = 1
     clip_negative: bool = True
+
+    def host_boxes(self, engine, record):
+        raise ValueError(f"method {self.name!r} chooses between its maps' answers on the device: it has no single "
+                         f"box on the host path (use device_pipeline=True, or one of its map methods "
+                         f"{', '.join(self.candidate_names)})")
 
     def _maps(self, static, reads, prompts, rows) -> jax.Array:
         """[2, gh, gw]: rel-att's and grad-att's maps from the readers (question's attention, its gradient-weighted

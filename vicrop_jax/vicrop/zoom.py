@@ -12,7 +12,7 @@ differ in how the crop is found:
   best-first search; a node whose view lets the model answer (by its own confidence) is cropped.
 
 The strategies are host-side algorithms over two batched device programs (`focus_relevance`, `yes_probabilities`);
-the model passes reach them through a `ModelPasses` (built by the API), so each pass is counted in a `Cost`.
+the model passes reach them through the `Engine`, which counts each in a `Cost`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import dataclasses
 import enum
 import functools
 import re
-from typing import ClassVar, NamedTuple, Protocol
+import time
+from typing import TYPE_CHECKING, ClassVar, Generator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,13 @@ from vicrop_jax.nn.llama import ATTENTION_PROBS, KVCache
 from vicrop_jax.nn.decoding import prefill
 from vicrop_jax.prompts import ANSWERING_QUESTION, EXISTENCE_QUESTION, LATENT_QUESTION
 from vicrop_jax.vicrop.boxes import Box, grow_box
-from vicrop_jax.vicrop.maps import StaticModel, captured_attention
-from vicrop_jax.vicrop.strategy import Cost, Strategy, default_map_layer
+from vicrop_jax.vicrop.maps import (
+    StaticModel, captured_attention, prefill_prefix, run_plain, split_prompt, suffix_run,
+)
+from vicrop_jax.vicrop.strategy import Answer, Cost, Search, Strategy, default_map_layer
+
+if TYPE_CHECKING:
+    from vicrop_jax.vicrop.engine import Engine
 
 MAX_TARGET_TOKENS = 16  # target phrases are padded to this many token rows (one program for any phrase)
 PAPER_GRID = 24  # LLaVA-1.5's grid, on which FOCUS's region sizes are given
@@ -118,15 +124,28 @@ def focus_relevance(static: StaticModel, params, pixels, prompt: PromptArrays, r
 
 @functools.partial(jax.jit, static_argnames=("static",))
 def yes_probabilities(static: StaticModel, params, pixels, prompts: PromptArrays, yes_no: jax.Array) -> jax.Array:
-    """p(yes) / (p(yes) + p(no)) of the first answer token for a batch of prompts over one view each [B]."""
+    """p(yes) / (p(yes) + p(no)) of the first answer token [V, Q] for Q prompts about each of V views (pixels
+    [V, ...], prompts [V, Q, ...]). Where the family shares a prefix of text and the image between prompts, each
+    view is encoded and its prefix prefilled once, and each question runs only its suffix; else each prompt runs
+    whole."""
+    module = static.module
 
-    def one(pixels, prompt):
-        features = static.family.image_features(static.module, params, pixels, prompt)
-        logits, _ = prefill(static.module, params, prompt.ids, prompt.length, features, prompt.ids.shape[0],
+    def whole(pixels, prompt):
+        features = static.family.image_features(module, params, pixels, prompt)
+        logits, _ = prefill(module, params, prompt.ids, prompt.length, features, prompt.ids.shape[0],
                             prompt.positions)
         return logits[yes_no]
 
-    return jax.nn.softmax(jax.vmap(one)(pixels, prompts).astype(jnp.float32), axis=-1)[:, 0]
+    def shared(pixels, prompts):
+        first = jax.tree_util.tree_map(lambda leaf: leaf[0], prompts)
+        view = static.family.original_features(module, params, pixels, first)
+        cache = prefill_prefix(module, params, view.features, split_prompt(static, first, [view]).prefix,
+                               first.ids.shape[0])
+        return jax.vmap(lambda prompt: run_plain(module, params, suffix_run(
+            cache, split_prompt(static, prompt, [view])))[0][yes_no])(prompts)
+
+    per_view = (jax.vmap(whole, in_axes=(None, 0)) if static.prefix_tokens is None else shared)
+    return jax.nn.softmax(jax.vmap(per_view)(pixels, prompts).astype(jnp.float32), axis=-1)[..., 0]
 
 
 def combined_relevance(maps: np.ndarray) -> np.ndarray:
@@ -143,28 +162,6 @@ def combined_relevance(maps: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- the interface
-
-
-class ModelPasses(Protocol):
-    """The model passes a zoom strategy asks for (the API's implementation counts each in a `Cost`)."""
-
-    base_size: int  # the smallest crop box side (the model's input resolution)
-
-    def relevance(self, image: PIL.Image.Image, question: str, target: str, strategy: "Focus"
-                  ) -> tuple[np.ndarray, Cost]:
-        """FOCUS's relevance map [gh, gw] of the target over the image, asked with `question`."""
-
-    def yes_probabilities(self, views: list[PIL.Image.Image], questions: list[str]) -> tuple[np.ndarray, Cost]:
-        """p(yes) among {yes, no} for each (view as the only image, question), in one batched call."""
-
-
-class Search(NamedTuple):
-    """What a strategy found on the host: the boxes to crop (none: answer from the original alone), the map it
-    read (None for baselines and ZoomEye) and the passes it took."""
-
-    boxes: tuple[Box, ...]
-    importance: np.ndarray | None
-    cost: Cost
 
 
 class AnswerViews(enum.Enum):
@@ -189,12 +186,99 @@ class ZoomStrategy(Strategy, abc.ABC):
                              f"{self.answer_views!r}") from None
 
     @abc.abstractmethod
-    def search(self, passes: ModelPasses, image: PIL.Image.Image, question: str, target: str) -> Search:
+    def steps(self, passes: "Engine", image: PIL.Image.Image, question: str, target: str
+              ) -> Generator[Asked, Replies, Search]:
+        """The search for the crop(s) of a question about `target` in the image, as a generator: it yields the
+        yes/no questions it asks next (`Asked`), is sent back their p(yes) and prompt lengths, and returns what it
+        found. So `run_searches` can ask the questions of many searches in one call."""
+
+    def search(self, passes: "Engine", image: PIL.Image.Image, question: str, target: str) -> Search:
         """The crop(s) for a question about `target` in the image."""
+        return run_searches(passes, [self.steps(passes, image, question, target)])[0]
+
+    def host_boxes(self, engine, record):
+        return self.search(engine, record.image, record.map_question, zoom_target(record.target, record.map_question))
+
+    def run(self, engine, records):
+        """The searches of all records side by side (each step's questions in one call), then the answers: from
+        the crop alone (all records' crops and originals in one call), or from the original and the crop."""
+        start = time.perf_counter()
+        found = run_searches(engine, [self.steps(engine, r.image, r.map_question,
+                                                 zoom_target(r.target, r.map_question)) for r in records])
+        searched = time.perf_counter()
+        if self.answer_views is AnswerViews.BOTH:
+            answers = [engine.answer_from(record, search, searched) for record, search in zip(records, found)]
+        else:
+            views = [[_crop(r.image, box) for box in search.boxes] + [r.image] for r, search in zip(records, found)]
+            plain = iter(engine.plain_answers([v for group in views for v in group],
+                                              [r.question for r, group in zip(records, views) for _ in group]))
+            answers = []
+            for group, search in zip(views, found):
+                texts = [next(plain) for _ in group]
+                answers.append(Answer(texts[0].text, texts[-1].text, tuple(_box(box) for box in search.boxes),
+                                      search.importance, {}, cost=search.cost + texts[0].cost))
+        share = (time.perf_counter() - start) / len(records)
+        search_share = (searched - start) / len(records)
+        timings = {"search": search_share, "answer": share - search_share, "total": share}
+        return [dataclasses.replace(answer, timings=timings) for answer in answers]
+
+
+class Asked(NamedTuple):
+    """The yes/no questions a search asks in one step: p(yes) of each view (as the only image) for each of its
+    questions."""
+
+    views: list[PIL.Image.Image]
+    questions: list[list[str]]  # per view
+
+
+Replies = tuple[list[np.ndarray], list[np.ndarray]]  # per view of an `Asked`: p(yes) and prompt length per question
+
+
+def run_searches(passes: "Engine", searches: list[Generator[Asked, Replies, Search]]) -> list[Search]:
+    """Searches run side by side: at each step the questions of every unfinished search go in one call."""
+    found: list[Search | None] = [None] * len(searches)
+    asked: dict[int, Asked] = {}
+
+    def advance(i: int, reply) -> None:
+        try:
+            asked[i] = searches[i].send(reply)
+        except StopIteration as done:
+            asked.pop(i, None)
+            found[i] = done.value
+
+    for i in range(len(searches)):
+        advance(i, None)
+    while asked:
+        pending = list(asked.items())
+        yes, lengths = passes.yes_probabilities([v for _, a in pending for v in a.views],
+                                                [q for _, a in pending for q in a.questions])
+        begin = 0
+        for i, step in pending:
+            end = begin + len(step.views)
+            advance(i, (yes[begin:end], lengths[begin:end]))
+            begin = end
+    return found
+
+
+def asked_cost(lengths: list[np.ndarray]) -> Cost:
+    """The passes of one step's questions, as the published procedures run them: a whole prompt each."""
+    return Cost(sum(len(view) for view in lengths), int(sum(np.sum(view) for view in lengths)))
+
+
+def zoom_target(target: str | None, question: str) -> str:
+    """The object a zoom strategy looks for: `target`, or by `target_from_question`; an empty one is refused."""
+    target = (target if target is not None else target_from_question(question)).strip()
+    if not target:
+        raise ValueError("the target is empty: give target= the object to look for")
+    return target
+
+
+def _box(box) -> Box:
+    return tuple(int(v) for v in box)
 
 
 def _crop(image: PIL.Image.Image, box: Box) -> PIL.Image.Image:
-    return image.crop(tuple(int(v) for v in box))
+    return image.crop(_box(box))
 
 
 def _checked(name: str, value, low, high=None, integer: bool = False):
@@ -310,15 +394,16 @@ class Focus(ZoomStrategy):
         return [grow_box((c0 * cell_w, r0 * cell_h, c1 * cell_w, r1 * cell_h), image_size, base_size)
                 for r0, c0, r1, c1 in windows]
 
-    def search(self, passes, image, question, target):
+    def steps(self, passes, image, question, target):
         relevance, cost = passes.relevance(image, self.question.format(target=target), target, self)
         proposals = self.proposals(relevance, image.size, passes.base_size)
         check = EXISTENCE_QUESTION.format(target=target)
         best, best_yes, begin, size = proposals[0], -1.0, 0, self.checks
         while begin < len(proposals):
             batch = proposals[begin: begin + size]
-            yes, more = passes.yes_probabilities([_crop(image, box) for box in batch], [check] * len(batch))
-            cost += more
+            yes, lengths = yield Asked([_crop(image, box) for box in batch], [[check]] * len(batch))
+            cost += asked_cost(lengths)
+            yes = np.concatenate(yes)
             top = int(np.argmax(yes))  # the first of equals: the better-ranked proposal
             if yes[top] > best_yes:
                 best, best_yes = batch[top], float(yes[top])
@@ -390,8 +475,8 @@ class ZoomSearch(ZoomStrategy):
     The image is a tree of views (`split_box` down to views smaller than the model's input side, at most
     `max_depth` levels). A confidence is 2 p(yes) - 1 over the first answer token's Yes and No. A node in the
     queue has the priority w * existence + (1 - w) * latent, w = bias + (1 - bias) * depth^2 / D^2 (D the tree's
-    depth); the children of a popped node are scored together, in one call. A popped node is asked whether the
-    question can be answered from its view: at `answer_threshold` or above, it is the one. After
+    depth); the children of a popped node are scored together, in the call that asks it. A popped node is asked
+    whether the question can be answered from its view: at `answer_threshold` or above, it is the one. After
     `pops_per_depth` * D pops the threshold drops by the next of `threshold_decrease` (the last one repeats),
     `pop_increment` more pops are allowed, and the popped node of the highest answering confidence at or above
     the new threshold is taken; the search gives up below `lower_threshold` or when the queue runs out (no
@@ -433,14 +518,9 @@ class ZoomSearch(ZoomStrategy):
                 raise ValueError(f"{name} must contain {field}, got {getattr(self, name)!r}")
         return dataclasses.replace(super().resolved(model), threshold_decrease=tuple(float(d) for d in decrease))
 
-    def _confidences(self, passes: ModelPasses, image, boxes: list[Box], questions: list[str]
-                     ) -> tuple[np.ndarray, Cost]:
-        """[len(boxes), len(questions)] confidences of each view for each question, in one call."""
-        views = [_crop(image, view_box(box, image.size, passes.base_size)) for box in boxes for _ in questions]
-        yes, cost = passes.yes_probabilities(views, questions * len(boxes))
-        return (2 * yes - 1).reshape(len(boxes), len(questions)), cost
-
-    def search(self, passes, image, question, target):
+    def steps(self, passes, image, question, target):
+        """Each pop is one step: the popped view's answering question and, asked beside it before its answer is
+        known, its children's priorities (discarded, and not counted, where the search stops at this pop)."""
         root = Node((0, 0, *image.size), 0, 0, 0.0)
         depth = tree_depth(root.box, passes.base_size, self.branching, self.max_depth)
         priority_questions = [self.existence_question.format(target=target),
@@ -450,9 +530,16 @@ class ZoomSearch(ZoomStrategy):
         threshold, decreases = self.answer_threshold, list(self.threshold_decrease)
         pop_limit = self.pops_per_depth * depth
         chosen = None
+        view = lambda box: _crop(image, view_box(box, image.size, passes.base_size))  # noqa: E731
         while queue:
-            [[answering]], more = self._confidences(passes, image, [queue[0].box], answering_question)
-            node, cost = dataclasses.replace(queue.pop(0), answering=float(answering)), cost + more
+            children = split_box(queue[0].box, self.branching) if queue[0].depth < depth and splits(
+                queue[0].box, passes.base_size) else []
+            if self.node_budget is not None and scored + len(children) > self.node_budget:
+                children = []
+            yes, lengths = yield Asked([view(queue[0].box)] + [view(box) for box in children],
+                                       [answering_question] + [priority_questions] * len(children))
+            node = dataclasses.replace(queue.pop(0), answering=float(2 * yes[0][0] - 1))
+            cost += asked_cost(lengths[:1])
             popped.append(node)
             if node.answering >= threshold:
                 chosen = node
@@ -466,14 +553,12 @@ class ZoomSearch(ZoomStrategy):
                     break
                 if threshold < self.lower_threshold:
                     break
-            children = split_box(node.box, self.branching) if node.depth < depth and splits(
-                node.box, passes.base_size) else []
-            if children and (self.node_budget is None or scored + len(children) <= self.node_budget):
-                found, more = self._confidences(passes, image, children, priority_questions)
+            if children:
+                found = 2 * np.stack(yes[1:]) - 1
                 weight = self.bias + (1 - self.bias) * (node.depth + 1) ** 2 / depth**2
                 queue += [Node(box, node.depth + 1, scored + i, float(weight * c[0] + (1 - weight) * c[1]))
                           for i, (box, c) in enumerate(zip(children, found))]
-                scored, cost = scored + len(children), cost + more
+                scored, cost = scored + len(children), cost + asked_cost(lengths[1:])
                 queue.sort(key=lambda n: -n.priority)
         if chosen is None or chosen.depth == 0:
             return Search((), None, cost)
