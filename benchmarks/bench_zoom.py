@@ -3,6 +3,10 @@ implementation with another (identical answers, boxes and costs).
 
     python -m benchmarks.bench_zoom --model vicrop-tiny --count 48 --passes 3 --save zoom.json
     python -m benchmarks.bench_zoom --model vicrop-tiny --count 48 --passes 3 --compare zoom.json
+    python -m benchmarks.bench_zoom --model vicrop-tiny --calls 1x1 8x2
+
+`--calls VxQ ...` times one yes/no call of V views and Q questions each instead (milliseconds, the median of 10
+warm calls), with each view's prefix shared between its questions and with every prompt run whole.
 
 The questions are `testing.synthetic.make_record(seed 1, i)` for i < count, answered with `answer_batch` in
 batches of `--batch-size`. A first pass compiles, then `--passes` passes alternate the strategies; a figure is
@@ -17,8 +21,13 @@ import time
 
 import numpy as np
 
+import jax
+
 import vicrop_jax
+from vicrop_jax.prompts import NO_WORD, YES_WORD
 from vicrop_jax.testing.synthetic import make_record
+from vicrop_jax.vicrop import zoom
+from vicrop_jax.vicrop.engine import Engine, answer_token
 
 EVAL_SEED = 1
 
@@ -26,6 +35,35 @@ EVAL_SEED = 1
 def outcome(answer) -> dict:
     return {"answer": answer.answer, "original": answer.original_answer,
             "boxes": [list(map(int, box)) for box in answer.boxes], "cost": list(vars(answer.cost).values())}
+
+
+def time_calls(model, sizes: list[str]) -> None:
+    """Milliseconds of one yes/no call per size, shared prefix against whole prompts."""
+    engine, image = Engine(model), make_record(EVAL_SEED, 0).image
+    questions = ["Is there a red square in the image?", "Could the red square be found by zooming in?"]
+    yes_no = np.array([answer_token(model, YES_WORD), answer_token(model, NO_WORD)], np.int32)
+    print("| views x questions | shared prefix, ms | whole prompts, ms |")
+    print("| --- | ---: | ---: |")
+    for size in sizes:
+        views, asked = (int(n) for n in size.split("x"))
+        crops = [image.crop((i, 0, image.width // 2 + i, image.height // 2)) for i in range(views)]
+        pixels, prompts = model.family.plain_inputs(model, [c for c in crops for _ in range(asked)],
+                                                    [q for _ in crops for q in (questions * asked)[:asked]])
+        by_view = jax.tree_util.tree_map(lambda leaf: leaf.reshape(views, asked, *leaf.shape[1:]), prompts)
+        row = []
+        for static in (engine.static, engine.static._replace(prefix_tokens=None)):
+            def call(static=static):
+                return np.asarray(zoom.yes_probabilities(static, model.params, pixels[::asked], by_view, yes_no))
+
+            call()
+            row.append(np.median([timed(call) for _ in range(10)]) * 1000)
+        print(f"| {size} | {row[0]:.1f} | {row[1]:.1f} |")
+
+
+def timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -37,8 +75,12 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["zoom_search", "focus"])
     parser.add_argument("--save", help="write the answers here")
     parser.add_argument("--compare", help="check the answers against a file written by --save")
+    parser.add_argument("--calls", nargs="+", metavar="VxQ", help="time single yes/no calls of these sizes")
     args = parser.parse_args()
     model = vicrop_jax.load(args.model)
+    if args.calls:
+        time_calls(model, args.calls)
+        return
     records = [make_record(EVAL_SEED, i) for i in range(args.count)]
     images, questions = [r.image for r in records], [r.question for r in records]
     seconds: dict[str, list[float]] = {name: [] for name in ["none", *args.strategies]}

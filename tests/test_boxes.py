@@ -458,7 +458,7 @@ def test_a_small_box_is_resized_from_a_window_around_it_with_the_same_values():
     out = (112, 112)
     window = crop_resize.NARROW_BOX_SCALE * out[0]
     single = jax.jit(crop_and_resize_jax, static_argnames="out_size")
-    whole_image = jax.jit(boxes._crop_resize, static_argnums=5)  # eager rounds otherwise (no fused multiply-add)
+    whole_image = jax.jit(crop_resize._crop_resize, static_argnums=5)  # eager rounds otherwise (no fused multiply-add)
     traced = jax.make_jaxpr(functools.partial(crop_and_resize_jax, out_size=out))(image, valid, (0, 0, 9, 9))
     assert "cond" in str(traced), "small boxes take the window"
     for box in [(0, 0, window, window), (600 - window, 700 - window, 600, 700), (500, 10, 600, 60),

@@ -54,7 +54,7 @@ def test_a_strategy_that_only_finds_boxes_is_answered_with_its_crops(model):
         texts, cost = Engine(model).answers_with_crops(image, question, [box])
         assert result.boxes == (box,) and (result.answer, result.original_answer) == texts
         assert result.cost == cost and result.importance is None
-        assert vicrop_jax.answer(model, image, question, LeftHalf()).answer == result.answer
+    assert vicrop_jax.answer(model, images[0], QUESTIONS[0], LeftHalf()).answer == results[0].answer
     with pytest.raises(ValueError, match="method 'left_half' makes no map"):
         vicrop_jax.importance_map(model, images[0], QUESTIONS[0], LeftHalf())
 
