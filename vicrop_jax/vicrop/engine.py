@@ -30,7 +30,7 @@ from vicrop_jax.vicrop._pipeline import CropInputs, MapInputs
 from vicrop_jax.vicrop.boxes import Box, selection_box_sizes, stitch_maps, tile_boxes, tile_grid
 from vicrop_jax.vicrop.maps import StaticModel
 from vicrop_jax.vicrop.methods import Geometry, MapMethod
-from vicrop_jax.vicrop.strategy import Answer, Cost, Record, Search
+from vicrop_jax.vicrop.strategy import Answer, Cost, Record, Search, int_box
 from vicrop_jax.vicrop.zoom import MAX_TARGET_TOKENS, Focus, combined_relevance, focus_relevance, target_rows
 from vicrop_jax.vicrop.zoom import yes_probabilities as yes_probabilities_program
 
@@ -118,10 +118,6 @@ def batch_inputs(model: Model, images: list[PIL.Image.Image], questions: list[st
 
 def _first(tree):
     return jax.tree_util.tree_map(lambda leaf: leaf[0], tree)
-
-
-def _box(box) -> Box:
-    return tuple(int(v) for v in np.asarray(box))
 
 
 def padded_batch_size(count: int, devices: int = 1) -> int:
@@ -234,7 +230,7 @@ class Engine:
         keeps."""
         if method.geometry is Geometry.PAPER:
             return None
-        return _box(self.model.family.processor_box(np.array([0, 0, *image_size], np.int32)))
+        return int_box(self.model.family.processor_box(np.array([0, 0, *image_size], np.int32)))
 
     def on_device(self, record: Record) -> bool:
         """Whether a map method answers the record with the device pipeline (else on the host path)."""
@@ -323,7 +319,7 @@ class Engine:
         answers = Cost(crop_lengths.size, int(crop_lengths.sum()), len(tokens[0]))
         cost = method.map_cost(int(at(question.length)), int(at(inputs[0].general.length))) + answers
         return Answer(*(model.tokenizer.decode(t) for t in tokens),
-                      tuple(_box(box) for box in at(out.boxes)[:regions]),
+                      tuple(int_box(box) for box in at(out.boxes)[:regions]),
                       model.family.host_map(model, image, at(out.importance)), dict(timings), chosen=chosen,
                       cost=cost)
 
@@ -340,7 +336,7 @@ class Engine:
             texts, cost = (plain.text, plain.text), plain.cost
         timings = {"search": searched - start, "answer": time.perf_counter() - searched,
                    "total": time.perf_counter() - start}
-        return Answer(*texts, tuple(_box(box) for box in found.boxes), found.importance, timings,
+        return Answer(*texts, tuple(int_box(box) for box in found.boxes), found.importance, timings,
                       cost=found.cost + cost)
 
     def answers_with_crops(self, image: PIL.Image.Image, question: str, boxes) -> tuple[tuple[str, str], Cost]:
@@ -348,7 +344,7 @@ class Engine:
         of the first: cropped and encoded on the device, or (`device_pipeline=False`) by the image processor."""
         model = self.model
         if self.device_pipeline:
-            crop = crop_inputs(model, image, question, (len(boxes),), boxes=[_box(box) for box in boxes])
+            crop = crop_inputs(model, image, question, (len(boxes),), boxes=[int_box(box) for box in boxes])
             tokens, lengths = jax.device_get(_pipeline.crop_and_answer(
                 self.static, model.params, model.family.answer_pixels(model, [image])[0], crop,
                 np.asarray(boxes, np.int32), max_new_tokens=self.max_new_tokens))
@@ -357,7 +353,7 @@ class Engine:
         else:
             inputs = [model.family.generation_inputs(model, images, model.family.prompt(question, len(images)),
                                                      vicrop=True)
-                      for images in ([image, *(image.crop(_box(box)) for box in boxes)], [image])]
+                      for images in ([image, *(image.crop(int_box(box)) for box in boxes)], [image])]
             tokens = tuple(self._generated(generation) for generation in inputs)
             lengths = tuple(len(generation.ids) for generation in inputs)
         texts = tuple(model.tokenizer.decode(t) for t in tokens)

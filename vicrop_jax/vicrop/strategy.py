@@ -54,6 +54,11 @@ class Answer:
         return bool(self.boxes)
 
 
+def int_box(box) -> Box:
+    """A box (left, top, right, bottom) of any numbers or array as Python ints."""
+    return tuple(int(v) for v in np.asarray(box))
+
+
 class Record(NamedTuple):
     """One question of a batch, as a strategy receives it."""
 

@@ -39,7 +39,7 @@ from vicrop_jax.vicrop.boxes import Box, grow_box
 from vicrop_jax.vicrop.maps import (
     StaticModel, captured_attention, prefill_prefix, run_plain, split_prompt, suffix_run,
 )
-from vicrop_jax.vicrop.strategy import Answer, Cost, Search, Strategy, default_map_layer
+from vicrop_jax.vicrop.strategy import Answer, Cost, Search, Strategy, default_map_layer, int_box
 
 if TYPE_CHECKING:
     from vicrop_jax.vicrop.engine import Engine
@@ -215,7 +215,7 @@ class ZoomStrategy(Strategy, abc.ABC):
             answers = []
             for group, search in zip(views, found):
                 texts = [next(plain) for _ in group]
-                answers.append(Answer(texts[0].text, texts[-1].text, tuple(_box(box) for box in search.boxes),
+                answers.append(Answer(texts[0].text, texts[-1].text, tuple(int_box(box) for box in search.boxes),
                                       search.importance, {}, cost=search.cost + texts[0].cost))
         share = (time.perf_counter() - start) / len(records)
         search_share = (searched - start) / len(records)
@@ -273,12 +273,8 @@ def zoom_target(target: str | None, question: str) -> str:
     return target
 
 
-def _box(box) -> Box:
-    return tuple(int(v) for v in box)
-
-
 def _crop(image: PIL.Image.Image, box: Box) -> PIL.Image.Image:
-    return image.crop(_box(box))
+    return image.crop(int_box(box))
 
 
 def _checked(name: str, value, low, high=None, integer: bool = False):
