@@ -228,3 +228,19 @@ def test_the_published_configs_read_in_both_layouts_and_the_table_covers_the_mod
     check_table(QWEN2_5_VL.conversion_table(config), params)
     model = SimpleNamespace(config=config, family=QWEN2_5_VL)
     assert resolve_method(model, "rel_att").layer == layer
+
+
+def test_token_ids_given_to_the_composite_config_load():
+    """transformers 5 keeps bos/eos/pad ids given to the composite config at its level: read there where the text
+    config has none, the text config's own where it has them."""
+    from transformers import Qwen2_5_VLConfig
+
+    from vicrop_jax.nn.qwen2_5_vl import QwenVLConfig
+
+    rewritten = Qwen2_5_VLConfig(**PUBLISHED_7B).to_dict()
+    ids = {"bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}
+    moved = {**rewritten, **ids, "text_config": {k: v for k, v in rewritten["text_config"].items() if k not in ids}}
+    config = QwenVLConfig.from_hf_config(moved)
+    assert config == QwenVLConfig.from_hf_config(PUBLISHED_7B) and config.text.eos_token_ids == (151645,)
+    both = {**rewritten, "eos_token_id": 7}
+    assert QwenVLConfig.from_hf_config(both).text.eos_token_ids == (151645,)

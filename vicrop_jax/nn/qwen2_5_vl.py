@@ -25,6 +25,7 @@ COMPOSITE_KEYS = frozenset({
     "model_type", "text_config", "vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
     "vision_end_token_id", "vision_token_id", MAP_LAYER_KEY,
 })
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")  # metadata that may sit at either level
 TEXT_KEYS = frozenset({
     "model_type", "hidden_act", "rope_parameters", "rope_theta", "rope_scaling", "vocab_size", "hidden_size",
     "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
@@ -86,10 +87,12 @@ class QwenVLConfig:
     def from_hf_config(cls, hf: dict[str, Any]) -> "QwenVLConfig":
         check_supported(hf, "config", {"model_type": ("qwen2_5_vl",)})
         if "text_config" in hf:
-            refuse_unhandled(hf, "config", COMPOSITE_KEYS | {"tie_word_embeddings"})
+            refuse_unhandled(hf, "config", COMPOSITE_KEYS | {"tie_word_embeddings", *TOKEN_ID_KEYS})
             text = {**hf["text_config"]}
             if "tie_word_embeddings" in hf:  # transformers 5 writes it at the top level (Qwen2.5-VL-3B ties)
                 text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+            # token ids given to the composite config stay there in transformers 5; the text model's own win
+            text = {**{key: hf[key] for key in TOKEN_ID_KEYS if key in hf}, **text}
         else:  # the layout of the published checkpoints (transformers 4): text attributes at the top level
             text = {key: value for key, value in hf.items() if key not in COMPOSITE_KEYS - {"model_type"}}
         return cls(
