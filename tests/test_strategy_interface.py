@@ -80,3 +80,23 @@ def test_plain_answers_of_a_batch_equal_single_ones_whatever_the_question_length
     for image, question, result in zip(images, questions, batched):
         single = Engine(model).plain_answers([image], [question])[0]
         assert (result.answer, result.cost) == (single.text, single.cost)
+
+
+def test_a_bad_record_of_a_batch_fails_alone_and_answer_raises_its_own_error(model):
+    images = [scene(seed=i) for i in range(4)]
+    questions = [QUESTIONS[0], None, QUESTIONS[1], QUESTIONS[2]]
+    boxes = [(0, 0, 30, 30), None, ("a", "b", "c", "d"), (5, 5, 40, 40)]
+    with pytest.raises(vicrop_jax.BatchError) as raised:
+        vicrop_jax.answer_batch(model, images, questions, "gt", bboxes=boxes, batch_size=4)
+    error = raised.value
+    assert [i for i, _ in error.failures] == [1, 2] and "question must be a string, got NoneType" in error.failures[0][1]
+    assert error.failures[1][1].startswith("TypeError") or error.failures[1][1].startswith("ValueError")
+    single = {i: vicrop_jax.answer(model, images[i], questions[i], "gt", bbox=boxes[i]) for i in (0, 3)}
+    assert [a is not None for a in error.answers] == [True, False, False, True]
+    assert all(error.answers[i].answer == single[i].answer for i in single)
+    with pytest.raises(type(error.causes[1])):
+        vicrop_jax.answer(model, images[2], questions[2], "gt", bbox=boxes[2])
+    with pytest.raises(ValueError, match="got one string"):
+        vicrop_jax.answer_batch(model, images[:3], "abc")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got -1"):
+        vicrop_jax.answer_batch(model, images, QUESTIONS + QUESTIONS[:1], batch_size=-1)

@@ -20,10 +20,13 @@ from vicrop_jax.vicrop.strategy import Answer, Record
 
 class BatchError(ValueError):
     """Some records of `answer_batch` could not be answered; the others were. `answers` holds an Answer per record
-    (None where it failed), `failures` the position and reason of each failed one."""
+    (None where it failed), `failures` the position and reason of each failed one, `causes` the exception raised
+    for each (None where the record was refused before it ran)."""
 
-    def __init__(self, answers: list[Answer | None], failures: list[tuple[int, str]]):
+    def __init__(self, answers: list[Answer | None], failures: list[tuple[int, str]],
+                 causes: list[BaseException | None] | None = None):
         self.answers, self.failures = answers, failures
+        self.causes = causes if causes is not None else [None] * len(failures)
         listed = "; ".join(f"record {i}: {why}" for i, why in failures[:10])
         more = f" and {len(failures) - 10} more" if len(failures) > 10 else ""
         super().__init__(f"{len(failures)} of {len(answers)} record(s) failed ({listed}{more}); the others were "
@@ -83,7 +86,8 @@ def answer(model: Model, image: ImageLike, question: str, method: str | Strategy
                                 max_new_tokens=max_new_tokens, bboxes=[bbox], high_res=high_res, seed=seed,
                                 targets=[target], device_pipeline=device_pipeline, **options)
     except BatchError as error:
-        raise ValueError(error.failures[0][1]) from None
+        [cause] = error.causes
+        raise cause if cause is not None else ValueError(error.failures[0][1]) from None
     return result
 
 
@@ -104,6 +108,11 @@ def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[
     run (an unreadable image, an empty or too long question) does not stop the others: they are answered, then
     `BatchError` lists the failures and holds every answer.
     """
+    if isinstance(questions, str):
+        raise ValueError("questions must be a list of strings, one per image, got one string (to ask one question "
+                         "use answer)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions: pass one image per question")
     for name, given in (("short_questions", short_questions), ("bboxes", bboxes), ("targets", targets)):
@@ -116,10 +125,11 @@ def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[
     boxes = list(bboxes) if bboxes is not None else [None] * len(questions)
     targets = list(targets) if targets is not None else [None] * len(questions)
     answers: list[Answer | None] = [None] * len(questions)
-    failures: list[tuple[int, str]] = []
+    failures: dict[int, tuple[str, BaseException | None]] = {}
     ready: list[tuple[int, Record]] = []
     for i, (image, question, short) in enumerate(zip(images, questions, short_questions)):
-        problem = question_problem(model, question, max_new_tokens, short, crops=strategy.most_crops)
+        problem = text_problem("question", question) or text_problem("short question", short, optional=True)
+        problem = problem or question_problem(model, question, max_new_tokens, short, crops=strategy.most_crops)
         if problem is None:
             try:
                 ready.append((i, Record(load_image(image), question, short or question, boxes[i], seed + i,
@@ -127,25 +137,34 @@ def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[
             except Exception as error:  # a missing or unreadable file: that record's failure alone
                 problem = f"unreadable image: {error}"
         if problem is not None:
-            failures.append((i, problem))
+            failures[i] = (problem, None)
     for begin in range(0, len(ready), batch_size):
         chunk = ready[begin: begin + batch_size]
         for (i, _), outcome in zip(chunk, run_or_errors(strategy, engine, [record for _, record in chunk])):
-            if isinstance(outcome, str):
-                failures.append((i, outcome))
+            if isinstance(outcome, Exception):
+                why = str(outcome) if isinstance(outcome, ValueError) else f"{type(outcome).__name__}: {outcome}"
+                failures[i] = (why, outcome)
             else:
                 answers[i] = outcome
     if failures:
-        raise BatchError(answers, sorted(failures))
+        order = sorted(failures)
+        raise BatchError(answers, [(i, failures[i][0]) for i in order], [failures[i][1] for i in order])
     return answers
 
 
-def run_or_errors(strategy: Strategy, engine: Engine, records: list[Record]) -> list[Answer | str]:
-    """The strategy's answers of a batch; if it raises a ValueError, its records one by one, so that only a bad
-    record gets an error (its message)."""
+def text_problem(name: str, value, optional: bool = False) -> str | None:
+    """Why a question is not text, or None."""
+    if isinstance(value, str) or (optional and value is None):
+        return None
+    return f"the {name} must be a string, got {type(value).__name__} {value!r:.60}"
+
+
+def run_or_errors(strategy: Strategy, engine: Engine, records: list[Record]) -> list[Answer | Exception]:
+    """The strategy's answers of a batch; if it raises, its records one by one, so that only a bad record gets an
+    error (the exception it raised)."""
     try:
         return strategy.run(engine, records)
-    except ValueError as error:
+    except Exception as error:  # a bad record's TypeError as well as its ValueError: the others are answered
         if len(records) == 1:
-            return [str(error)]
+            return [error]
         return [run_or_errors(strategy, engine, [record])[0] for record in records]
