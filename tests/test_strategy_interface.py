@@ -89,7 +89,8 @@ def test_a_bad_record_of_a_batch_fails_alone_and_answer_raises_its_own_error(mod
     with pytest.raises(vicrop_jax.BatchError) as raised:
         vicrop_jax.answer_batch(model, images, questions, "gt", bboxes=boxes, batch_size=4)
     error = raised.value
-    assert [i for i, _ in error.failures] == [1, 2] and "question must be a string, got NoneType" in error.failures[0][1]
+    assert [i for i, _ in error.failures] == [1, 2]
+    assert "question must be a string, got NoneType" in error.failures[0][1]
     assert error.failures[1][1].startswith("TypeError") or error.failures[1][1].startswith("ValueError")
     single = {i: vicrop_jax.answer(model, images[i], questions[i], "gt", bbox=boxes[i]) for i in (0, 3)}
     assert [a is not None for a in error.answers] == [True, False, False, True]
