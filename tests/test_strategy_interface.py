@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import numpy as np
 import pytest
 
 import vicrop_jax
@@ -99,5 +100,8 @@ def test_a_bad_record_of_a_batch_fails_alone_and_answer_raises_its_own_error(mod
         vicrop_jax.answer(model, images[2], questions[2], "gt", bbox=boxes[2])
     with pytest.raises(ValueError, match="got one string"):
         vicrop_jax.answer_batch(model, images[:3], "abc")
-    with pytest.raises(ValueError, match="batch_size must be a positive integer, got -1"):
-        vicrop_jax.answer_batch(model, images, QUESTIONS + QUESTIONS[:1], batch_size=-1)
+    for name, value in (("batch_size", -1), ("max_new_tokens", 0), ("max_new_tokens", 2.5), ("seed", -1)):
+        with pytest.raises(ValueError, match=f"{name} must be an integer of at least ., got {value}"):
+            vicrop_jax.answer_batch(model, images[:1], QUESTIONS[:1], "random", **{name: value})
+    gated = vicrop_jax.answer(model, images[0], QUESTIONS[0], "rel_att", gate=np.float32(1.0))
+    assert gated.cropped and gated.confidence < 1.0

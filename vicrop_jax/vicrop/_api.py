@@ -111,8 +111,9 @@ def answer_batch(model: Model, images: Sequence[ImageLike], questions: Sequence[
     if isinstance(questions, str):
         raise ValueError("questions must be a list of strings, one per image, got one string (to ask one question "
                          "use answer)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for name, value, low in (("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer of at least {low}, got {value!r}")
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions: pass one image per question")
     for name, given in (("short_questions", short_questions), ("bboxes", bboxes), ("targets", targets)):

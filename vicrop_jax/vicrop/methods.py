@@ -263,7 +263,9 @@ def _geometry(geometry) -> Geometry:
 
 
 def _share(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    """A number in [0, 1] (numpy scalars too; NaN refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
+            0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}")
     return float(value)
 
