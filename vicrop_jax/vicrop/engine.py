@@ -14,6 +14,7 @@ same answers:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import NamedTuple, Sequence
 
@@ -183,8 +184,9 @@ class Engine:
         """The smallest crop box side: the model's input resolution."""
         return base_size(self.model)
 
-    @property
+    @functools.cached_property
     def static(self) -> StaticModel:
+        """The model's static part, made once per engine (Qwen's counts its template's tokens)."""
         return static_model(self.model)
 
     def tiled(self, image: PIL.Image.Image) -> bool:
